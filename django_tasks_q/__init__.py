@@ -1,0 +1,27 @@
+"""django-tasks-q: a distributed task queue that is a Django app."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .task import Task, task
+
+if TYPE_CHECKING:
+    from .client import send_task
+    from .results import AsyncResult
+
+__all__ = ["AsyncResult", "Task", "send_task", "task"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # AsyncResult needs the models, which cannot load before Django's app registry is ready.
+    if name == "AsyncResult":
+        from .results import AsyncResult
+
+        return AsyncResult
+    if name == "send_task":
+        from .client import send_task
+
+        return send_task
+    raise AttributeError(f"module 'django_tasks_q' has no attribute {name!r}")

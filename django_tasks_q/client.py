@@ -1,0 +1,168 @@
+"""Client: checks arguments, routes, and publishes task messages (after commit inside a transaction)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+from django.db import transaction
+
+from . import broker, conf, message, signals
+from .exceptions import TasksQError
+from .task import current_request
+
+if TYPE_CHECKING:
+    from .results import AsyncResult
+    from .task import Task
+
+
+class UnknownQueue(TasksQError, ValueError):
+    """A task was sent to a queue that ``TASKS_Q["QUEUES"]`` does not list."""
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(value)
+
+
+def _why_not_json(value: Any) -> str | None:
+    """Why ``value`` (searched recursively) cannot travel as JSON, or None when it can."""
+    from django.db.models import Model, QuerySet
+
+    if isinstance(value, Model):
+        return (f"a {type(value).__name__} model instance; pass its primary key instead "
+                f"(.pk = {value.pk!r}) and load it inside the task")
+    if isinstance(value, QuerySet):
+        return ("a QuerySet; pass a list of primary keys instead "
+                "(list(qs.values_list('pk', flat=True))) and query inside the task")
+    if isinstance(value, (list, tuple)):
+        return next((r for r in map(_why_not_json, value) if r), None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"a dict with a {type(key).__name__} key; JSON keys must be strings"
+            reason = _why_not_json(item)
+            if reason:
+                return reason
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return None
+    return (f"a {type(value).__module__}.{type(value).__qualname__}, which JSON cannot carry; "
+            f"pass plain data (str, int, float, bool, None, list, dict)")
+
+
+def encode_body(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    """The JSON body ``[args, kwargs, embed]``; a clear ``TypeError`` names any bad argument."""
+    try:
+        return json.dumps([args, kwargs, message.EMBED], separators=(",", ":"), default=_refuse)
+    except (TypeError, ValueError):
+        pass
+    where = [(f"argument {i}", v) for i, v in enumerate(args)]
+    where += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for label, value in where:
+        reason = _why_not_json(value)
+        if reason:
+            raise TypeError(f"Cannot send task {name}: {label} is {reason}.")
+    raise TypeError(f"Cannot send task {name}: its arguments cannot be encoded as JSON.")
+
+
+def route(name: str, task_queue: str | None, queue: str | None,
+          priority: int | None) -> tuple[str, int | None]:
+    """(queue, priority): explicit option, then ``ROUTES``, then the task's own, then default."""
+    cfg = conf.get()
+    if queue is None:
+        routed = cfg.ROUTES.get(name)
+        if routed is None:
+            routed = next((v for k, v in cfg.ROUTES.items() if fnmatchcase(name, k)), None)
+        if isinstance(routed, dict):
+            queue = routed.get("queue")
+            priority = routed.get("priority") if priority is None else priority
+        elif routed is not None:
+            queue = str(routed)
+    queue = queue or task_queue or cfg.DEFAULT_QUEUE
+    if cfg.queues_explicit and queue not in cfg.QUEUES:
+        raise UnknownQueue(f"Cannot send task {name} to queue {queue!r}: it is not in "
+                           f"TASKS_Q['QUEUES'] ({', '.join(cfg.QUEUES)}); add it there or "
+                           f"route the task to one of those")
+    return queue, priority
+
+
+def _when(countdown: float | None, eta: datetime | None) -> datetime | None:
+    if countdown is not None:
+        return datetime.now(dt_timezone.utc) + timedelta(seconds=float(countdown))
+    if eta is not None and eta.tzinfo is None:
+        raise ValueError("eta must be timezone-aware (use django.utils.timezone.now() + …)")
+    return eta
+
+
+def _expiry(expires: float | datetime | timedelta | None) -> datetime | None:
+    if expires is None or isinstance(expires, datetime):
+        return expires
+    seconds = expires.total_seconds() if isinstance(expires, timedelta) else float(expires)
+    return datetime.now(dt_timezone.utc) + timedelta(seconds=seconds)
+
+
+def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
+         countdown: float | None = None, eta: datetime | None = None,
+         expires: float | datetime | timedelta | None = None, queue: str | None = None,
+         priority: int | None = None, task_id: str | None = None,
+         headers: dict[str, Any] | None = None) -> AsyncResult:
+    """Build, check and publish one message for ``task``; return its result handle at once."""
+    from . import results
+
+    body = encode_body(task.name, args, kwargs)
+    queue, priority = route(task.name, task.queue, queue, task.priority if priority is None
+                            else priority)
+    parent = current_request()
+    msg = message.TaskMessage(
+        id=task_id or message.new_id(), name=task.name, args=args, kwargs=kwargs,
+        eta=_when(countdown, eta), expires=_expiry(expires if expires is not None
+                                                   else task.expires),
+        time_limit=task.time_limit, soft_time_limit=task.soft_time_limit,
+        parent_id=parent.id if parent else None,
+        root_id=(parent.root_id or parent.id) if parent else None,
+        ignore_result=results.mode_for(task) != "all", queue=queue, priority=priority,
+        headers=dict(headers or {}),
+    )
+    if conf.get().EAGER:
+        from . import execute
+
+        return execute.run_eager(task, msg)
+    publish(msg, body)
+    return results.AsyncResult(msg.id, task=task)
+
+
+def publish(msg: message.TaskMessage, body: str | None = None) -> None:
+    """Publish ``msg`` now, or when the current transaction commits (``ENQUEUE_ON_COMMIT``)."""
+    encoded, headers, properties = message.encode(msg, body)
+
+    def do_publish() -> None:
+        signals.before_task_publish.send(sender=msg.name, headers=headers, body=encoded,
+                                         routing_key=msg.queue)
+        broker.publisher().publish(encoded, headers, properties, msg.queue, msg.priority)
+        signals.after_task_publish.send(sender=msg.name, headers=headers, body=encoded,
+                                        routing_key=msg.queue)
+
+    if conf.get().ENQUEUE_ON_COMMIT and transaction.get_connection().in_atomic_block:
+        transaction.on_commit(do_publish)
+    else:
+        do_publish()
+
+
+def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
+              kwargs: dict[str, Any] | None = None, *, queue: str | None = None,
+              priority: int | None = None, countdown: float | None = None,
+              eta: datetime | None = None, task_id: str | None = None) -> AsyncResult:
+    """Send a task by name, without importing its function (it may live in another service)."""
+    from . import results
+
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    body = encode_body(name, args, kwargs)
+    queue, priority = route(name, None, queue, priority)
+    msg = message.TaskMessage(id=task_id or message.new_id(), name=name, args=args,
+                              kwargs=kwargs, eta=_when(countdown, eta), queue=queue,
+                              priority=priority)
+    publish(msg, body)
+    return results.AsyncResult(msg.id)

@@ -1,0 +1,48 @@
+"""Surface: ``manage.py taskworker``: runs a worker for the given queues."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_tasks_q.worker.main import Worker, WorkerOptions, queues_from
+from django_tasks_q.worker.pool import POOLS
+
+
+class Command(BaseCommand):
+    help = "Run a django-tasks-q worker."
+    requires_system_checks = "__all__"  # type: ignore[assignment]
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("-Q", "--queues", help="Comma-separated queues (default: QUEUES).")
+        parser.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
+                            help="Number of pool processes or threads (default: CPU count).")
+        parser.add_argument("-P", "--pool", choices=sorted(POOLS), default="prefork")
+        parser.add_argument("-l", "--loglevel", default="INFO",
+                            help="DEBUG, INFO, WARNING, ERROR (default INFO).")
+        parser.add_argument("-n", "--hostname", default="", help="Worker name.")
+        parser.add_argument("--prefetch-multiplier", type=int, default=4,
+                            help="Messages reserved per pool slot (default 4).")
+        parser.add_argument("--max-tasks-per-child", type=int, default=None,
+                            help="Replace a pool child after this many tasks.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        level = str(options["loglevel"]).upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise CommandError(f"Unknown log level {options['loglevel']!r}; "
+                               f"use DEBUG, INFO, WARNING or ERROR")
+        logging.basicConfig(level=level,
+                            format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
+        logging.getLogger("django_tasks_q").setLevel(level)
+        try:
+            worker = Worker(WorkerOptions(
+                queues=queues_from(options["queues"]), concurrency=options["concurrency"],
+                pool=options["pool"], hostname=options["hostname"],
+                prefetch_multiplier=options["prefetch_multiplier"],
+                max_tasks_per_child=options["max_tasks_per_child"]))
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        worker.run()

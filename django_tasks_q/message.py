@@ -1,0 +1,138 @@
+"""Message: Celery protocol v2 task messages, built for publishing and parsed on receipt."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any
+
+CONTENT_TYPE = "application/json"
+CONTENT_ENCODING = "utf-8"
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+class MalformedMessage(ValueError):
+    """A message that is not a Celery protocol v2 task message."""
+
+
+@dataclass
+class TaskMessage:
+    """One task invocation as carried by the broker."""
+
+    id: str
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    retries: int = 0
+    eta: datetime | None = None
+    expires: datetime | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    ignore_result: bool = False
+    queue: str = ""
+    priority: int | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    embed: dict[str, Any] = field(default_factory=lambda: dict(EMBED))
+
+
+def new_id() -> str:
+    """A fresh task id (a UUID4 string, as Celery makes them)."""
+    return str(uuid.uuid4())
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt_timezone.utc)
+    return value.isoformat()
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, (int, float)):
+        return datetime.now(dt_timezone.utc) + timedelta(seconds=value)
+    else:
+        try:
+            parsed = datetime.fromisoformat(str(value))
+        except ValueError as exc:
+            raise MalformedMessage(f"bad timestamp {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt_timezone.utc)
+
+
+def encode(msg: TaskMessage, body_json: str | None = None) -> tuple[str, dict[str, Any],
+                                                                    dict[str, Any]]:
+    """(body, headers, properties) for kombu; ``body_json`` reuses an already-encoded body."""
+    headers = {
+        "lang": "py",
+        "task": msg.name,
+        "id": msg.id,
+        "shadow": None,
+        "eta": _iso(msg.eta),
+        "expires": _iso(msg.expires),
+        "group": msg.group,
+        "group_index": None,
+        "retries": msg.retries,
+        "timelimit": [msg.time_limit, msg.soft_time_limit],
+        "root_id": msg.root_id or msg.id,
+        "parent_id": msg.parent_id,
+        "argsrepr": repr(msg.args),
+        "kwargsrepr": repr(msg.kwargs),
+        "origin": _ORIGIN,
+        "ignore_result": msg.ignore_result,
+        **msg.headers,
+    }
+    properties: dict[str, Any] = {"correlation_id": msg.id, "reply_to": ""}
+    if body_json is None:
+        body_json = json.dumps([msg.args, msg.kwargs, msg.embed], separators=(",", ":"))
+    return body_json, headers, properties
+
+
+_KNOWN_HEADERS = frozenset({
+    "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
+    "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin", "ignore_result",
+})
+
+
+def decode(headers: dict[str, Any] | None, body: Any, queue: str = "",
+           priority: int | None = None) -> TaskMessage:
+    """Parse a received message whose body kombu has already deserialised."""
+    if not headers or "task" not in headers or "id" not in headers:
+        raise MalformedMessage("not a protocol v2 task message: headers 'task' and 'id' missing")
+    if not (isinstance(body, (list, tuple)) and len(body) == 3):
+        raise MalformedMessage("body is not [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise MalformedMessage("body args must be a list and kwargs a dict")
+    hard, soft = (list(headers.get("timelimit") or []) + [None, None])[:2]
+    return TaskMessage(
+        id=str(headers["id"]),
+        name=str(headers["task"]),
+        args=list(args),
+        kwargs=kwargs,
+        retries=int(headers.get("retries") or 0),
+        eta=_parse_time(headers.get("eta")),
+        expires=_parse_time(headers.get("expires")),
+        time_limit=hard,
+        soft_time_limit=soft,
+        root_id=headers.get("root_id"),
+        parent_id=headers.get("parent_id"),
+        group=headers.get("group"),
+        ignore_result=bool(headers.get("ignore_result")),
+        queue=queue,
+        priority=priority,
+        headers={k: v for k, v in headers.items() if k not in _KNOWN_HEADERS},
+        embed=dict(embed or EMBED),
+    )

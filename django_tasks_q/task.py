@@ -1,0 +1,194 @@
+"""API: the ``@task`` decorator and the ``Task`` class users subclass for shared policy."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from . import registry
+from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
+
+if TYPE_CHECKING:
+    from .results import AsyncResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+OPTIONS = frozenset({
+    "name", "queue", "priority", "max_retries", "autoretry_for", "retry_backoff",
+    "retry_backoff_max", "retry_jitter", "default_retry_delay", "time_limit", "soft_time_limit",
+    "acks_late", "rate_limit", "expires", "results", "bind",
+})
+APPLY_OPTIONS = frozenset({
+    "args", "kwargs", "countdown", "eta", "expires", "queue", "priority", "task_id", "headers",
+})
+
+
+@dataclass
+class Request:
+    """What a running task knows about its own invocation (``self.request``)."""
+
+    id: str | None = None
+    task: str = ""
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    eta: datetime | None = None
+    expires: datetime | None = None
+    queue: str = ""
+    hostname: str = ""
+    root_id: str | None = None
+    parent_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    is_eager: bool = False
+    called_directly: bool = True
+
+
+_current: ContextVar[Request | None] = ContextVar("django_tasks_q_request", default=None)
+
+
+def current_request() -> Request | None:
+    """The request of the task running in this context, if any."""
+    return _current.get()
+
+
+class Task(Generic[P, R]):
+    """A function that can be run later by a worker; options live here as class attributes."""
+
+    name: str = ""
+    queue: str | None = None
+    priority: int | None = None
+    max_retries: int | None = 3
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600
+    retry_jitter: bool = True
+    default_retry_delay: float = 180
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    acks_late: bool | None = None
+    rate_limit: str | None = None
+    expires: float | None = None
+    results: str | None = None
+    bind: bool = False
+
+    def __init__(self, run: Callable[..., R], **options: Any) -> None:
+        unknown = set(options) - OPTIONS
+        if unknown:
+            raise TypeError(f"Unknown task option(s) {sorted(unknown)} for {run.__qualname__}; "
+                            f"known options: {', '.join(sorted(OPTIONS))}")
+        self.run = run
+        for key, value in options.items():
+            setattr(self, key, value)
+        if not self.name:
+            self.name = f"{run.__module__}.{run.__qualname__}"
+        if self.results not in (None, "errors", "all", "none"):
+            raise ImproperlyConfigured(f"Task {self.name}: results={self.results!r} must be "
+                                       f"'errors', 'all' or 'none'")
+        if not isinstance(self.autoretry_for, tuple):
+            self.autoretry_for = tuple(self.autoretry_for)
+        self.__doc__ = run.__doc__
+        self.__name__ = run.__name__
+        self.__qualname__ = run.__qualname__
+        self.__module__ = run.__module__
+        self.__wrapped__ = run
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task inline in the caller, as a plain function call."""
+        if self.bind:
+            return self.run(self, *args, **kwargs)
+        return self.run(*args, **kwargs)
+
+    @property
+    def request(self) -> Request:
+        """The invocation being run in this context (a direct-call stand-in outside a worker)."""
+        req = _current.get()
+        if req is not None and req.task == self.name:
+            return req
+        return Request(task=self.name)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+        """Send the task to a worker with these arguments."""
+        return self.apply_async(args=args, kwargs=kwargs)
+
+    def apply_async(self, args: tuple[Any, ...] | list[Any] | None = None,
+                    kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
+        """Send the task with delivery options (countdown, eta, expires, queue, priority…)."""
+        unknown = set(options) - APPLY_OPTIONS
+        if unknown:
+            raise TypeError(f"Unknown apply_async option(s) {sorted(unknown)} for {self.name}; "
+                            f"known: {', '.join(sorted(APPLY_OPTIONS - {'args', 'kwargs'}))}")
+        from . import client
+
+        return client.send(self, list(args or ()), dict(kwargs or {}), **options)
+
+    def retry_countdown(self, retries: int) -> float:
+        """Seconds to wait before retry number ``retries + 1``."""
+        if not self.retry_backoff:
+            return float(self.default_retry_delay)
+        factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        countdown = min(float(self.retry_backoff_max), factor * (2 ** retries))
+        if self.retry_jitter:
+            countdown = random.uniform(0, countdown)
+        return countdown
+
+    def retry(self, exc: BaseException | None = None, countdown: float | None = None,
+              max_retries: int | None = None) -> Retry:
+        """Ask for this run to be tried again later; raises ``Retry`` (or ``exc`` when exhausted)."""
+        req = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and req.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"Task {self.name}[{req.id}] retried {req.retries} times, max_retries={limit}")
+        when = self.retry_countdown(req.retries) if countdown is None else float(countdown)
+        raise Retry(f"Retry in {when:.1f}s", exc=exc, when=when)
+
+    def update_state(self, state: str, meta: Any = None, task_id: str | None = None) -> None:
+        """Record a custom state (and progress ``meta``) for the running task."""
+        from . import results
+
+        results.store_state(task_id or self.request.id, self, state, meta)
+
+    # Handlers a base class may override.
+    def on_success(self, retval: Any, task_id: str, args: list[Any],
+                   kwargs: dict[str, Any]) -> None:
+        """Called in the worker after the task returned."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: list[Any],
+                   kwargs: dict[str, Any], einfo: str) -> None:
+        """Called in the worker after the task failed for good."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: list[Any],
+                 kwargs: dict[str, Any], einfo: str) -> None:
+        """Called in the worker when the task is to be retried."""
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def task(*, base: type[Task[Any, Any]] | None = None,
+         **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(fn: Callable[..., Any] | None = None, /, *, base: type[Task[Any, Any]] | None = None,
+         **options: Any) -> Any:
+    """Make a function a task: ``@task`` or ``@task(queue="high", max_retries=5, …)``."""
+    cls = base or Task
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"base= must be a subclass of django_tasks_q.Task, got {cls!r}")
+
+    def decorate(func: Callable[..., Any]) -> Task[Any, Any]:
+        made = cls(func, **options)
+        registry.register(made)
+        return made
+
+    return decorate(fn) if fn is not None else decorate

@@ -1,0 +1,1 @@
+"""Adapters: kombu transports shipped with django-tasks-q (the embedded ``django://`` broker)."""

@@ -1,0 +1,403 @@
+"""Adapters: the embedded ``django://`` broker, a kombu virtual transport over the Django ORM.
+
+Each message is one ``QueueMessage`` row. A consumer claims rows with a lease (``visible_at``
+moved ``visibility_timeout`` seconds ahead), renews the leases of what it still holds while it
+polls, and deletes a row when the message is acked; a consumer that dies simply stops renewing,
+so its messages are delivered again once their leases run out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from functools import reduce
+from operator import or_
+from queue import Empty
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import django
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from kombu.transport import TRANSPORT_ALIASES, virtual
+from kombu.utils.json import dumps, loads
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models import QuerySet
+
+    from django_tasks_q.models import QueueMessage
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Raw = dict[str, Any]
+
+#: Most rows one claim takes, however much the consumer's prefetch would allow.
+CLAIM_MAX = 32
+#: Tries of a statement SQLite refuses with "database is locked" (each after its busy timeout).
+LOCKED_TRIES = 4
+
+_wal_databases: set[str] = set()
+
+
+def register() -> None:
+    """Make ``kombu.Connection("django://")`` use this transport (idempotent)."""
+    TRANSPORT_ALIASES["django"] = "django_tasks_q.transport.django:Transport"
+
+
+def _tag(row_id: int, deliveries: int) -> str:
+    # The tag names the row and which delivery of it this is, so any channel can settle it
+    # and a stale settle cannot touch a row that has since gone to another consumer.
+    return f"{row_id}.{deliveries}"
+
+
+def _parse_tag(tag: str) -> tuple[int, int]:
+    row_id, _, deliveries = str(tag).partition(".")
+    return int(row_id), int(deliveries or 0)
+
+
+def _is_locked(db: BaseDatabaseWrapper, exc: Exception) -> bool:
+    return db.vendor == "sqlite" and "locked" in str(exc)
+
+
+def _prefer_wal(db: BaseDatabaseWrapper) -> None:
+    """Switch a SQLite file to WAL, where a publisher and consumers do not block each other."""
+    name = f"{db.alias}:{db.settings_dict.get('NAME')}"
+    if db.vendor != "sqlite" or db.in_atomic_block or name in _wal_databases:
+        return
+    try:
+        with db.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=WAL")
+    except DatabaseError as exc:  # another connection is mid-write: try at the next connect
+        logger.debug("Could not switch %s to WAL yet: %s", name, exc)
+    else:
+        _wal_databases.add(name)
+
+
+class QoS(virtual.QoS):
+    """Unacked-message bookkeeping whose acks and rejects reach the database."""
+
+    channel: Channel
+
+    def ack(self, delivery_tag: str) -> None:
+        """Delete the acknowledged message's row."""
+        self.channel._settle([delivery_tag], requeue=False)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Make the row visible again at once (requeue) or delete it."""
+        self.channel._settle([delivery_tag], requeue=requeue)
+        # Not super(): the base class would publish a copy, but the row itself goes back.
+        self._quick_ack(delivery_tag)
+
+    def restore_unacked(self) -> list[tuple[Exception, Any]]:
+        """Give every unacked message of this channel back to its queue at once."""
+        self._flush()
+        tags = list(self._delivered)
+        self._delivered.clear()
+        try:
+            self.channel._settle(tags, requeue=True)
+        except DatabaseError as exc:
+            # Nothing is lost: the leases run out and the rows are delivered again.
+            logger.warning("Could not give back %d unacked message(s): %s", len(tags), exc)
+        return []
+
+
+class Channel(virtual.Channel):
+    """A session on the ``QueueMessage`` table: publishes rows, claims, renews and settles them."""
+
+    QoS = QoS
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        from django_tasks_q.models import QueueMessage  # import late: the app registry is ready
+
+        self.model: type[QueueMessage] = QueueMessage
+        self.database: str = connection.database
+        self.visibility_timeout: float = connection.visibility_timeout
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._buffer: deque[tuple[str, Raw]] = deque()  # claimed, not yet handed to a consumer
+        self._held: dict[str, int] = {}  # tag -> row id: claimed here and not yet settled
+        self._no_ack: set[str] = set()
+        self._renew_at = time.monotonic() + self.visibility_timeout / 3
+
+    @property
+    def db(self) -> BaseDatabaseWrapper:
+        """The calling thread's connection to the broker database."""
+        return connections[self.database]
+
+    def _rows(self) -> QuerySet[QueueMessage]:
+        return self.model.objects.using(self.database)
+
+    def _run(self, step: Callable[[], T]) -> T:
+        """Run one database step, surviving a dropped connection and SQLite's write lock."""
+        tries = 0
+        reconnected = False
+        while True:
+            tries += 1
+            try:
+                return step()
+            except (OperationalError, InterfaceError) as exc:
+                db = self.db
+                if db.in_atomic_block:
+                    raise  # the caller's transaction is spoilt; only its owner may retry it
+                if _is_locked(db, exc):
+                    if tries >= LOCKED_TRIES:
+                        raise
+                    time.sleep(0.05 * tries)
+                elif reconnected:
+                    raise  # the database is down: kombu's reconnect machinery takes over
+                else:
+                    # A server restart leaves a dead socket behind; one fresh connection
+                    # tells a blip from an outage.
+                    logger.warning("django:// broker lost its database connection: %s", exc)
+                    reconnected = True
+                    with contextlib.suppress(DatabaseError):
+                        db.close()
+
+    # -- publishing and queue management --------------------------------------------------
+
+    def _put(self, queue: str, message: Raw, **kwargs: Any) -> None:
+        """Insert the message as a row; inside ``transaction.atomic()`` it joins the caller's."""
+        fields = {"queue": queue, "payload": dumps(message), "visible_at": timezone.now(),
+                  "priority": self._get_message_priority(message)}
+        self._run(lambda: self._rows().create(**fields))
+
+    def _ready(self, queue: str) -> QuerySet[QueueMessage]:
+        return self._rows().filter(queue=queue, visible_at__lte=timezone.now())
+
+    def _size(self, queue: str) -> int:
+        """Messages ready for delivery; like AMQP, those in flight are not counted."""
+        return self._run(lambda: self._ready(queue).count())
+
+    def _purge(self, queue: str) -> int:
+        """Delete the ready messages of `queue`; like AMQP, those in flight stay."""
+        return self._run(lambda: self._ready(queue).delete()[0])
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        """Delete every message of `queue`, in flight or not."""
+        self._run(lambda: self._rows().filter(queue=queue).delete())
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        """Queues exist implicitly: any name may be published to and consumed from."""
+        return True
+
+    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
+                     **kwargs: Any) -> None:
+        """Delete `queue` even when this process never declared its bindings."""
+        if if_empty and self._size(queue):
+            return
+        bound = bool(self.state.queue_index.get(queue))
+        super().queue_delete(queue, if_unused=if_unused, **kwargs)
+        if not bound:
+            self._delete(queue)
+
+    def _lookup(self, exchange: str, routing_key: str, default: str | None = None) -> Any:
+        # Bindings live in each process's memory; a publisher that never declared the
+        # consumer's queue still reaches it when exchange and queue share the routing key.
+        queues = super()._lookup(exchange, routing_key, default)
+        if not queues and routing_key and self.typeof(exchange).type == "direct":
+            return [routing_key]
+        return queues
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    def _claim(self, queues: list[str], limit: int) -> list[tuple[str, Raw]]:
+        """Lease up to `limit` of the first ready rows of `queues` to this channel."""
+        now = timezone.now()
+        lease = now + timedelta(seconds=self.visibility_timeout)
+        rows = self._rows()
+        which = {"queue": queues[0]} if len(queues) == 1 else {"queue__in": queues}
+        ready = rows.filter(visible_at__lte=now, **which).order_by("-priority", "id")
+        fields = ("id", "queue", "payload", "deliveries")
+        claim = {"visible_at": lease, "claimed_by": self.owner,
+                 "deliveries": F("deliveries") + 1}
+        if self.db.features.has_select_for_update_skip_locked:
+            # Rows another consumer is claiming right now are locked: pass them, never wait.
+            with transaction.atomic(using=self.database):
+                found = list(ready.select_for_update(skip_locked=True)
+                             .values_list(*fields)[:limit])
+                if found:
+                    rows.filter(id__in=[row[0] for row in found]).update(**claim)
+        else:
+            # No row locks (SQLite): the UPDATE takes only rows still ready, so of two
+            # consumers racing for a row exactly one changes it, and it can tell which.
+            found = list(ready.values_list(*fields)[:limit])
+            ids = [row[0] for row in found]
+            if ids and rows.filter(id__in=ids, visible_at__lte=now).update(**claim) < len(ids):
+                won = set(rows.filter(id__in=ids, claimed_by=self.owner, visible_at=lease)
+                          .values_list("id", flat=True))
+                found = [row for row in found if row[0] in won]
+        return [self._decode(*row) for row in found]
+
+    def _decode(self, row_id: int, queue: str, payload: str, deliveries: int) -> tuple[str, Raw]:
+        message: Raw = loads(payload)
+        tag = _tag(row_id, deliveries + 1)
+        properties = message["properties"]
+        properties["delivery_tag"] = tag
+        properties.setdefault("delivery_info", {})["redelivered"] = deliveries > 0
+        self._held[tag] = row_id
+        return queue, message
+
+    def _claim_or_nothing(self, queues: list[str], limit: int) -> list[tuple[str, Raw]]:
+        try:
+            return self._run(lambda: self._claim(queues, limit))
+        except OperationalError as exc:
+            if not _is_locked(self.db, exc):
+                raise
+            logger.info("django:// broker: database stayed locked, polling again later")
+            return []
+
+    def _settle(self, tags: Iterable[str], requeue: bool, undelivered: bool = False) -> None:
+        """Delete the claimed rows, or (requeue) make them visible again at once."""
+        tags = list(tags)
+        if not tags:
+            return
+        claims = [_parse_tag(tag) for tag in tags]
+        if requeue:
+            match = reduce(or_, (Q(id=row_id, deliveries=n) for row_id, n in claims))
+            changes: dict[str, Any] = {"visible_at": timezone.now(), "claimed_by": ""}
+            if undelivered:  # never reached a consumer, so it does not count as redelivered
+                changes["deliveries"] = F("deliveries") - 1
+            self._run(lambda: self._rows().filter(match).update(**changes))
+        else:
+            ids = [row_id for row_id, _ in claims]
+            self._run(lambda: self._rows().filter(id__in=ids).delete())
+        for tag in tags:
+            self._held.pop(tag, None)
+
+    def _renew_leases(self) -> None:
+        """Every third of the lease, push forward the leases of all rows still held."""
+        now = time.monotonic()
+        if now < self._renew_at:
+            return
+        self._renew_at = now + self.visibility_timeout / 3
+        ids = list(self._held.values())
+        if not ids:
+            return
+        lease = timezone.now() + timedelta(seconds=self.visibility_timeout)
+        try:
+            self._run(lambda: self._rows().filter(id__in=ids, claimed_by=self.owner)
+                      .update(visible_at=lease))
+        except DatabaseError as exc:  # the next claim reports a lasting failure
+            logger.warning("django:// broker could not renew %d lease(s): %s", len(ids), exc)
+
+    def _give_back_buffer(self, queue: str | None = None) -> None:
+        dropped = [msg for name, msg in self._buffer if queue is None or name == queue]
+        self._buffer = deque(item for item in self._buffer if queue not in (None, item[0]))
+        try:
+            self._settle([msg["properties"]["delivery_tag"] for msg in dropped],
+                         requeue=True, undelivered=True)
+        except DatabaseError as exc:
+            logger.warning("Could not give back %d prefetched message(s): %s", len(dropped), exc)
+
+    def drain_events(self, timeout: float | None = None,
+                     callback: Callable[[Raw, str], Any] | None = None) -> None:
+        """Hand one message to the consumers, claiming a batch when none is waiting."""
+        self._renew_leases()
+        if not self._consumers or not self.qos.can_consume():
+            raise Empty()
+        if not self._buffer:
+            queues = list(dict.fromkeys(self._active_queues))
+            # Claim what prefetch allows; without a prefetch limit take one at a time,
+            # so one consumer does not hoard what others could run.
+            limit = min(self.qos.can_consume_max_estimate() or 1, CLAIM_MAX)
+            self._buffer.extend(self._claim_or_nothing(queues, limit))
+            if not self._buffer:
+                raise Empty()
+        queue, message = self._buffer.popleft()
+        if queue in self._no_ack:
+            self._settle([message["properties"]["delivery_tag"]], requeue=False)
+        (callback or self.connection._deliver)(message, queue)
+
+    def _get(self, queue: str, timeout: float | None = None) -> Raw:
+        claimed = self._claim_or_nothing([queue], 1)
+        if not claimed:
+            raise Empty()
+        return claimed[0][1]
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        """Claim one message of `queue`, or return None when it has none ready."""
+        self._renew_leases()
+        try:
+            raw = self._get(queue)
+        except Empty:
+            return None
+        message = self.Message(raw, channel=self)
+        if no_ack:
+            self._settle([message.delivery_tag], requeue=False)
+        else:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        """Consume from `queue`; with `no_ack` its rows are deleted as they are delivered."""
+        if no_ack:
+            self._no_ack.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        """Stop consuming, giving back messages of that queue claimed but not delivered."""
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack.discard(queue)
+            self._give_back_buffer(queue)
+
+    def close(self) -> None:
+        """Close the channel, giving back every message it holds unacked."""
+        if not self.closed:
+            self._give_back_buffer()
+        super().close()
+
+
+class Transport(virtual.Transport):
+    """kombu transport for ``django://``: the project's own database is the broker."""
+
+    Channel = Channel
+
+    #: Exchanges and bindings are shared by all connections of a process, as on a broker.
+    global_state = virtual.BrokerState()
+
+    #: Seconds between polls of an idle consumer (transport option ``polling_interval``).
+    polling_interval = 0.1
+
+    driver_type = "sql"
+    driver_name = "django"
+
+    connection_errors = (*virtual.Transport.connection_errors, OperationalError, InterfaceError)
+    channel_errors = (*virtual.Transport.channel_errors, DatabaseError)
+    recoverable_connection_errors = connection_errors
+    recoverable_channel_errors = ()
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False, exchange_type=frozenset(["direct", "topic"]), heartbeats=False)
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.state = self.global_state
+        options = client.transport_options
+        self.visibility_timeout = float(options.get("visibility_timeout", 60.0))
+        self.database = str(options.get("database", "default"))
+
+    def establish_connection(self) -> Any:
+        """Check that the database answers before kombu counts the connection as made."""
+        db = connections[self.database]
+        if db.connection is not None and not db.in_atomic_block and not db.is_usable():
+            db.close()
+        db.ensure_connection()
+        _prefer_wal(db)
+        return super().establish_connection()
+
+    def driver_version(self) -> str:
+        """Django's version: the ORM is this transport's driver."""
+        return django.get_version()

@@ -1,0 +1,1 @@
+"""Processes: the worker (consumer, pool, children), started by ``manage.py taskworker``."""

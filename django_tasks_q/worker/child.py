@@ -1,0 +1,81 @@
+"""Processes: a prefork pool child: receives one job at a time, runs it, reports the outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import pickle
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+from django.db import close_old_connections, connections
+
+from .. import execute, signals
+from ..message import TaskMessage
+
+logger = logging.getLogger("django_tasks_q.worker")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If the parent is SIGKILLed, its children must not keep its broker sockets open:
+    # the broker only gives the parent's unacked messages back once every copy is closed.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def drop_inherited_db_connections() -> None:
+    """Forget database connections opened before fork without closing the parent's sockets."""
+    for conn in connections.all(initialized_only=True):
+        raw: Any = conn.connection
+        if raw is None:
+            continue
+        fileno = getattr(raw, "fileno", None)
+        if callable(fileno) and conn.vendor == "postgresql":
+            # Closing the socket fd here (not the connection) sends nothing to the server,
+            # so the parent's session stays intact.
+            with contextlib.suppress(Exception):
+                os.close(fileno())
+        with contextlib.suppress(Exception):
+            conn.close()
+        conn.connection = None
+
+
+def main(pipe: Connection, hostname: str, max_tasks: int | None) -> int:
+    """Child loop: until the parent closes the pipe (or ``max_tasks`` jobs are done)."""
+    _die_with_parent()
+    # The parent decides when to stop; a terminal's Ctrl-C must not kill a running task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    drop_inherited_db_connections()
+    signals.worker_process_init.send(sender=None)
+    done = 0
+    while max_tasks is None or done < max_tasks:
+        try:
+            msg: TaskMessage = pickle.loads(pipe.recv_bytes())
+        except (EOFError, OSError):
+            break
+        pipe.send_bytes(pickle.dumps(run_one(msg, hostname)))
+        done += 1
+    return 0
+
+
+def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
+    """Run one job with fresh database connections; never raise."""
+    close_old_connections()
+    try:
+        outcome = execute.run(msg, hostname)
+    except Exception as exc:  # noqa: BLE001 - e.g. the database went away while storing
+        logger.exception("Task %s[%s]: outcome could not be stored; giving it back",
+                         msg.name, msg.id)
+        outcome = execute.Outcome(execute.REQUEUE, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        close_old_connections()
+    # Return values and exceptions stay here: only the plain outcome crosses the pipe.
+    outcome.value = outcome.exc = outcome.traceback = None
+    return outcome

@@ -1,0 +1,245 @@
+"""Processes: the consumer: receives messages, hands them to idle pool slots, acks outcomes."""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from datetime import timezone as dt_timezone
+from typing import Any
+
+from kombu import Consumer as KombuConsumer
+from kombu.asynchronous import Hub
+from kombu.exceptions import ContentDisallowed, DecodeError
+
+from .. import broker, client, execute, message, results
+from ..exceptions import WorkerLostError
+from ..models import TaskState
+from .pool import LOST, Job, Pool
+
+logger = logging.getLogger("django_tasks_q.worker")
+
+RECONNECT_MAX_INTERVAL = 5.0
+
+
+class Consumer:
+    """Owns the broker connection; feeds the pool with at most ``prefetch`` unacked messages."""
+
+    def __init__(self, queues: list[str], pool: Pool, hostname: str, prefetch: int) -> None:
+        self.queues = queues
+        self.pool = pool
+        self.hostname = hostname
+        self.prefetch = prefetch
+        self.buffer: deque[Job] = deque()
+        self.delayed: list[tuple[float, int, Job]] = []  # (due, seq, job), due in time.time()
+        self._seq = itertools.count()
+        self.stopping = False  # warm shutdown: take nothing new
+        self.cold = False
+        self.hub: Any = None
+        self.kombu: KombuConsumer | None = None
+        self.connection: Any = None
+        self.on_ready: Callable[[], None] | None = None
+        self._polled = False
+        pool.on_done = self.on_done
+
+    # -- connection life ---------------------------------------------------------------------
+    def run(self, wakeup_fd: int | None = None, on_wakeup: Callable[[], None] | None = None) -> None:
+        """Consume until a warm shutdown has drained the pool, or a cold one is asked for."""
+        attempt = 0
+        while not self.cold:
+            conn = broker.connection()
+            try:
+                conn.ensure_connection(errback=self._connect_failed, max_retries=None,
+                                       interval_start=0.5, interval_step=1,
+                                       interval_max=RECONNECT_MAX_INTERVAL,
+                                       callback=self._check_cold)
+            except _ColdStop:
+                return
+            if attempt:
+                logger.warning("Reconnected to %s", broker.safe_url())
+            attempt += 1
+            try:
+                self._consume(conn, wakeup_fd, on_wakeup)
+                return
+            except conn.connection_errors + conn.channel_errors as exc:
+                logger.warning("Lost the connection to %s (%s: %s); reconnecting",
+                               broker.safe_url(), type(exc).__name__, exc)
+                self._forget_unacked()
+            finally:
+                if self.hub is not None:
+                    self.hub.close()
+                    self.hub = None
+                with contextlib.suppress(Exception):
+                    conn.release()
+
+    def _connect_failed(self, exc: Exception, interval: float) -> None:
+        logger.warning("Cannot reach %s (%s); retrying in %.1fs", broker.safe_url(),
+                       type(exc).__name__, interval)
+
+    def _check_cold(self) -> None:
+        if self.cold:
+            raise _ColdStop
+
+    def _consume(self, conn: Any, wakeup_fd: int | None,
+                 on_wakeup: Callable[[], None] | None) -> None:
+        self.connection = conn
+        hub = self.hub = Hub()
+        self.pool.register(hub)
+        if wakeup_fd is not None and on_wakeup is not None:
+            hub.add_reader(wakeup_fd, on_wakeup)
+        self.kombu = KombuConsumer(conn.channel(), queues=[broker.queue(q) for q in self.queues],
+                                   on_message=self.on_message, accept=["json"],
+                                   prefetch_count=self.prefetch)
+        self._polled = not conn.transport.implements.asynchronous
+        if not self._polled:
+            conn.transport.register_with_event_loop(conn.connection, hub)
+        else:
+            hub.call_repeatedly(conn.transport.polling_interval or 0.1, self._poll)
+        hub.propagate_errors = conn.connection_errors + conn.channel_errors
+        self.kombu.consume()
+        if self.on_ready is not None:
+            self.on_ready()
+            self.on_ready = None
+        hub.call_repeatedly(1.0, self._release_due)
+        loop = hub.create_loop()
+        while not self.cold:
+            if self.stopping:
+                self._begin_shutdown()
+                if not self.pool.active():
+                    return
+            next(loop)
+
+    def _poll(self) -> None:
+        # Transports without an event-loop integration (django://, memory://) are polled.
+        for _ in range(self.prefetch):
+            if self.stopping or self.kombu is None or len(self.buffer) >= self.prefetch:
+                return
+            try:
+                self.connection.drain_events(timeout=0)
+            except socket.timeout:
+                return
+
+    def _begin_shutdown(self) -> None:
+        if self.kombu is not None:
+            with contextlib.suppress(Exception):
+                self.kombu.cancel()
+            self.kombu = None
+            # Received but not started: give them back now rather than at connection close.
+            for job in list(self.buffer) + [entry[2] for entry in self.delayed]:
+                self._settle(job, lambda m: m.reject(requeue=True))
+            self.buffer.clear()
+            self.delayed.clear()
+
+    def _forget_unacked(self) -> None:
+        # Their delivery tags died with the connection: the broker redelivers them.
+        for job in self.pool.active():
+            job.stale = True
+        self.buffer.clear()
+        self.delayed.clear()
+
+    def give_back_running(self) -> None:
+        """Cold shutdown: requeue what is still running (it is run again: at-least-once)."""
+        for job in self.pool.active():
+            self._settle(job, lambda m: m.reject(requeue=True))
+
+    # -- messages ----------------------------------------------------------------------------
+    def on_message(self, raw: Any) -> None:
+        """A message arrived: parse it, then start it, hold it until due, or drop it."""
+        try:
+            body = raw.decode()
+            info = raw.delivery_info or {}
+            msg = message.decode(raw.headers, body, queue=info.get("routing_key") or "",
+                                 priority=(raw.properties or {}).get("priority"))
+        except (ContentDisallowed, DecodeError, message.MalformedMessage) as exc:
+            mid = (raw.headers or {}).get("id") or (raw.properties or {}).get("correlation_id")
+            logger.error("Dropped message %s from queue %s: %s (content type %s)", mid,
+                         (raw.delivery_info or {}).get("routing_key"), exc, raw.content_type)
+            self._settle(Job(None, raw), lambda m: m.reject(requeue=False))  # type: ignore[arg-type]
+            return
+        job = Job(msg, raw)
+        if msg.eta is not None and msg.eta.timestamp() > time.time():
+            heapq.heappush(self.delayed, (msg.eta.timestamp(), next(self._seq), job))
+            # A held message must not use up a prefetch slot, or held ones could starve the pool.
+            self._set_prefetch()
+            return
+        self.buffer.append(job)
+        self._dispatch()
+
+    def _set_prefetch(self) -> None:
+        if self.kombu is not None:
+            with contextlib.suppress(Exception):
+                self.kombu.qos(prefetch_count=self.prefetch + len(self.delayed))
+
+    def _release_due(self) -> None:
+        now = time.time()
+        released = False
+        while self.delayed and self.delayed[0][0] <= now:
+            self.buffer.append(heapq.heappop(self.delayed)[2])
+            released = True
+        if released:
+            self._set_prefetch()
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        pool, buffer = self.pool, self.buffer
+        while buffer and pool.free():
+            pool.submit(buffer.popleft())
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def on_done(self, job: Job, outcome: execute.Outcome) -> None:
+        """A job finished: settle its message (ack, retry, requeue) and start the next one."""
+        msg, status = job.msg, outcome.status
+        if status == TaskState.RETRY:
+            retry = message.TaskMessage(**{**msg.__dict__, "retries": msg.retries + 1,
+                                           "eta": datetime.fromisoformat(outcome.retry_eta)
+                                           if outcome.retry_eta else None})
+            try:
+                client.publish(retry)
+            except Exception:  # noqa: BLE001 - keep the original rather than lose the task
+                logger.exception("Could not publish the retry of %s[%s]; requeueing it",
+                                 msg.name, msg.id)
+                self._settle(job, lambda m: m.reject(requeue=True))
+            else:
+                self._settle(job, lambda m: m.ack())
+        elif status == execute.REQUEUE:
+            self._settle(job, lambda m: m.reject(requeue=True))
+        elif status == LOST:
+            self._on_lost(job, outcome)
+        else:
+            self._settle(job, lambda m: m.ack())
+            if status == TaskState.SUCCESS and logger.isEnabledFor(logging.INFO):
+                logger.info("Task %s[%s] succeeded in %.3fs", msg.name, msg.id, outcome.runtime)
+        if not self.stopping:
+            self._dispatch()
+            if self._polled and not self.buffer and self.hub is not None:
+                self.hub.call_soon(self._poll)
+
+    def _on_lost(self, job: Job, outcome: execute.Outcome) -> None:
+        if not (job.message.delivery_info or {}).get("redelivered"):
+            self._settle(job, lambda m: m.reject(requeue=True))
+            return
+        exc = WorkerLostError(f"{outcome.error}; the task was delivered more than once and "
+                              f"killed its process each time")
+        results.store(job.msg, TaskState.FAILURE, result=results.exception_info(exc),
+                      worker=self.hostname)
+        self._settle(job, lambda m: m.ack())
+
+    def _settle(self, job: Job, action: Callable[[Any], None]) -> None:
+        if job.stale:
+            return
+        try:
+            action(job.message)
+        except self.connection.connection_errors + self.connection.channel_errors:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. already acknowledged
+            logger.exception("Could not settle message %s", job.msg.id if job.msg else "?")
+
+
+class _ColdStop(Exception):
+    pass

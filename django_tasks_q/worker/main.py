@@ -1,0 +1,109 @@
+"""Processes: the worker's life: start the pool and consumer, handle signals, shut down."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from types import FrameType
+
+from .. import broker, conf, registry, signals
+from .consumer import Consumer
+from .pool import POOLS
+
+logger = logging.getLogger("django_tasks_q.worker")
+
+
+@dataclass
+class WorkerOptions:
+    """What ``taskworker`` was asked for."""
+
+    queues: list[str]
+    concurrency: int
+    pool: str = "prefork"
+    hostname: str = ""
+    prefetch_multiplier: int = 4
+    max_tasks_per_child: int | None = None
+
+
+def default_hostname() -> str:
+    """``worker.<pid>@<host>``: unique per process, readable in logs and results."""
+    return f"worker.{os.getpid()}@{socket.gethostname()}"
+
+
+class Worker:
+    """One worker process tree: a consumer in this process and a pool of executors."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        if options.pool not in POOLS:
+            raise ValueError(f"Unknown pool {options.pool!r}; use one of {', '.join(POOLS)}")
+        if options.concurrency < 1:
+            raise ValueError("Concurrency must be at least 1")
+        self.options = options
+        self.hostname = options.hostname or default_hostname()
+        size = 1 if options.pool == "solo" else options.concurrency
+        self.pool = POOLS[options.pool](size, self.hostname, on_done=lambda j, o: None,
+                                        max_tasks_per_child=options.max_tasks_per_child)
+        self.consumer = Consumer(options.queues, self.pool, self.hostname,
+                                 prefetch=max(1, size * max(1, options.prefetch_multiplier)))
+        self.consumer.on_ready = self._ready
+        self._signals = 0
+
+    def _ready(self) -> None:
+        logger.info("%s ready: pool=%s concurrency=%d queues=%s broker=%s tasks=%d",
+                    self.hostname, self.options.pool, self.pool.size, ",".join(self.options.queues),
+                    broker.safe_url(), len(registry.names()))
+        signals.worker_ready.send(sender=self)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if signum == signal.SIGQUIT or self._signals > 1:
+            logger.warning("Cold shutdown: running tasks are given back to the broker")
+            self.consumer.stopping = self.consumer.cold = True
+        else:
+            logger.warning("Warm shutdown (%s): finishing %d running task(s); "
+                           "signal again for a cold shutdown", signal.Signals(signum).name,
+                           len(self.pool.active()))
+            self.consumer.stopping = True
+
+    def run(self) -> int:
+        """Run until shut down; returns the exit status."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        previous = signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, self._on_signal)
+        self.pool.start()
+        try:
+            self.consumer.run(wake_r, lambda: _drain(wake_r))
+        finally:
+            if self.consumer.cold:
+                self.consumer.give_back_running()
+                self.pool.kill()
+            else:
+                self.pool.stop()
+            signal.set_wakeup_fd(previous)
+            os.close(wake_r)
+            os.close(wake_w)
+            signals.worker_shutdown.send(sender=self)
+            logger.info("%s stopped", self.hostname)
+        return 0
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def queues_from(option: str | None) -> list[str]:
+    """``-Q a,b`` as a list; the configured queues when not given."""
+    if option:
+        return [q.strip() for q in option.split(",") if q.strip()]
+    cfg = conf.get()
+    return list(cfg.QUEUES)

@@ -1,0 +1,238 @@
+"""Processes: execution pools (prefork, threads, solo); each takes a job only when it has room."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import queue as queue_mod
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import Any
+
+from django.db import connections
+
+from .. import execute
+from ..message import TaskMessage
+from . import child
+
+logger = logging.getLogger("django_tasks_q.worker")
+
+LOST = "LOST"  # the process running the job died
+
+
+@dataclass(eq=False)
+class Job:
+    """One received message on its way through the pool."""
+
+    msg: TaskMessage
+    message: Any  # the kombu message; stays in the parent
+    started: float = 0.0
+    stale: bool = False  # its broker connection is gone: the broker redelivers it
+    pid: int | None = field(default=None)
+
+
+OnDone = Callable[[Job, execute.Outcome], None]
+
+
+class Pool:
+    """What every pool offers the consumer."""
+
+    def __init__(self, size: int, hostname: str, on_done: OnDone,
+                 max_tasks_per_child: int | None = None) -> None:
+        self.size = size
+        self.hostname = hostname
+        self.on_done = on_done
+        self.max_tasks_per_child = max_tasks_per_child
+        self.hub: Any = None
+
+    def start(self) -> None:
+        """Start the workers."""
+
+    def register(self, hub: Any) -> None:
+        """Attach to the consumer's event loop (a new one after every reconnect)."""
+        self.hub = hub
+
+    def free(self) -> int:
+        """How many more jobs can start now."""
+        raise NotImplementedError
+
+    def submit(self, job: Job) -> None:
+        """Start ``job``; the outcome comes back through ``on_done``."""
+        raise NotImplementedError
+
+    def active(self) -> list[Job]:
+        """Jobs started and not finished."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Let idle workers exit (running jobs are finished first by the caller)."""
+
+    def kill(self) -> None:
+        """Stop at once; running jobs are abandoned."""
+        self.stop()
+
+
+class SoloPool(Pool):
+    """Runs each job inline in the worker process."""
+
+    def free(self) -> int:
+        return 1
+
+    def submit(self, job: Job) -> None:
+        job.started = time.monotonic()
+        self.on_done(job, child.run_one(job.msg, self.hostname))
+
+    def active(self) -> list[Job]:
+        return []
+
+
+class ThreadPool(Pool):
+    """Runs jobs on threads of the worker process (I/O-bound work)."""
+
+    def start(self) -> None:
+        self._jobs: queue_mod.SimpleQueue[Job | None] = queue_mod.SimpleQueue()
+        self._running: set[Job] = set()
+        self._threads = [threading.Thread(target=self._work, name=f"task-{i}", daemon=True)
+                         for i in range(self.size)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            outcome = child.run_one(job.msg, self.hostname)
+            self.hub.call_soon(self._finish, job, outcome)
+        connections.close_all()
+
+    def _finish(self, job: Job, outcome: execute.Outcome) -> None:
+        self._running.discard(job)
+        self.on_done(job, outcome)
+
+    def free(self) -> int:
+        return self.size - len(self._running)
+
+    def submit(self, job: Job) -> None:
+        job.started = time.monotonic()
+        self._running.add(job)
+        self._jobs.put(job)
+
+    def active(self) -> list[Job]:
+        return list(self._running)
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+@dataclass(eq=False)
+class _Child:
+    pid: int
+    pipe: Connection
+    job: Job | None = None
+    done: int = 0
+    retiring: bool = False  # reached max_tasks_per_child: exits after its last job
+
+
+class PreforkPool(Pool):
+    """Forked children reused across jobs; a job goes only to an idle child (fair dispatch)."""
+
+    def start(self) -> None:
+        self._children: dict[int, _Child] = {}
+        self._stopping = False
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        # Children must not share the parent's database sockets.
+        connections.close_all()
+        parent_end, child_end = Pipe(duplex=True)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                parent_end.close()
+                for sibling in self._children.values():
+                    sibling.pipe.close()
+                code = child.main(child_end, self.hostname, self.max_tasks_per_child)
+            except BaseException:
+                logger.exception("Pool child crashed")
+            finally:
+                os._exit(code)
+        child_end.close()
+        kid = _Child(pid, parent_end)
+        self._children[pid] = kid
+        if self.hub is not None:
+            self.hub.add_reader(parent_end.fileno(), self._on_readable, kid)
+
+    def register(self, hub: Any) -> None:
+        super().register(hub)
+        for kid in self._children.values():
+            hub.add_reader(kid.pipe.fileno(), self._on_readable, kid)
+
+    def _on_readable(self, kid: _Child) -> None:
+        try:
+            outcome: execute.Outcome = pickle.loads(kid.pipe.recv_bytes())
+        except (EOFError, OSError):
+            self._on_exit(kid)
+            return
+        job, kid.job = kid.job, None
+        kid.done += 1
+        kid.retiring = self.max_tasks_per_child is not None and kid.done >= self.max_tasks_per_child
+        if job is not None:
+            self.on_done(job, outcome)
+
+    def _on_exit(self, kid: _Child) -> None:
+        with contextlib.suppress(Exception):
+            self.hub.remove(kid.pipe.fileno())
+        kid.pipe.close()
+        self._children.pop(kid.pid, None)
+        _, status = os.waitpid(kid.pid, 0)
+        how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
+               if os.WIFSIGNALED(status) else f"exit code {os.waitstatus_to_exitcode(status)}")
+        if kid.job is not None:
+            logger.error("Pool child %d died (%s) while running %s[%s]", kid.pid, how,
+                         kid.job.msg.name, kid.job.msg.id)
+            self.on_done(kid.job, execute.Outcome(LOST, error=f"pool child died ({how})"))
+        if not self._stopping:
+            self._spawn()
+
+    def free(self) -> int:
+        return sum(1 for kid in self._children.values() if kid.job is None and not kid.retiring)
+
+    def submit(self, job: Job) -> None:
+        kid = next(k for k in self._children.values() if k.job is None and not k.retiring)
+        job.started = time.monotonic()
+        job.pid = kid.pid
+        kid.job = job
+        try:
+            kid.pipe.send_bytes(pickle.dumps(job.msg))
+        except OSError:
+            # The child is gone; its pipe's EOF reports the job as lost.
+            pass
+
+    def active(self) -> list[Job]:
+        return [kid.job for kid in self._children.values() if kid.job is not None]
+
+    def stop(self) -> None:
+        self._stopping = True
+        for kid in list(self._children.values()):
+            kid.pipe.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(kid.pid, 0)
+        self._children.clear()
+
+    def kill(self) -> None:
+        self._stopping = True
+        for kid in self._children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(kid.pid, signal.SIGKILL)
+        self.stop()
+
+
+POOLS: dict[str, type[Pool]] = {"prefork": PreforkPool, "threads": ThreadPool, "solo": SoloPool}

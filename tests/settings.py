@@ -1,0 +1,39 @@
+"""Settings for the test suite: the example project's apps on a configurable database."""
+
+import environ
+
+env = environ.Env()
+
+SECRET_KEY = "tests-only"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django_tasks_q",
+    "testproject.testapp",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": [
+            "django.template.context_processors.request",
+            "django.contrib.auth.context_processors.auth",
+            "django.contrib.messages.context_processors.messages",
+        ]},
+    }
+]
+ROOT_URLCONF = "testproject.urls"
+DATABASES = {"default": env.db("DATABASE_URL", default="sqlite:///:memory:")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+TASKS_Q = {"BROKER_URL": "memory://", "QUEUES": ["default", "high", "low"]}
