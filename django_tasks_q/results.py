@@ -28,8 +28,9 @@ def mode_for(task: Task[Any, Any] | None) -> str:
 
 def exception_info(exc: BaseException) -> dict[str, str]:
     """The JSON form of an exception, as Celery stores it."""
-    return {"exc_type": type(exc).__name__, "exc_module": type(exc).__module__,
-            "exc_message": str(exc)}
+    cls = type(exc)
+    return {"exc_type": cls.__name__, "exc_qualname": cls.__qualname__,
+            "exc_module": cls.__module__, "exc_message": str(exc)}
 
 
 def rebuild_exception(info: Any) -> BaseException:
@@ -39,9 +40,11 @@ def rebuild_exception(info: Any) -> BaseException:
     name, module = str(info.get("exc_type", "Exception")), info.get("exc_module") or "builtins"
     text = str(info.get("exc_message", ""))
     try:
-        cls = getattr(builtins if module == "builtins" else importlib.import_module(module), name)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            return cls(text)
+        found: Any = builtins if module == "builtins" else importlib.import_module(module)
+        for part in str(info.get("exc_qualname") or name).split("."):
+            found = getattr(found, part)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found(text)
     except Exception:  # noqa: BLE001 - fall back to a stand-in below
         pass
     return type(name, (TaskFailed,), {"__module__": module})(text)

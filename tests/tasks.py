@@ -1,0 +1,55 @@
+"""Tasks used by the unit tests (imported by the tests, not autodiscovered)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django_tasks_q import Task, task
+
+calls: list[Any] = []
+
+
+class Flaky(Exception):
+    pass
+
+
+@task(results="all")
+def multiply(x: int, y: int) -> int:
+    return x * y
+
+
+@task
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+@task(autoretry_for=(Flaky,), max_retries=2, retry_backoff=True, retry_jitter=False)
+def always_flaky() -> None:
+    calls.append("always_flaky")
+    raise Flaky("still flaky")
+
+
+@task(bind=True, max_retries=3, results="all")
+def retries_then_ok(self: Task[..., Any], succeed_on: int) -> int:
+    if self.request.retries < succeed_on:
+        raise self.retry(countdown=0)
+    return self.request.retries
+
+
+@task(queue="high", results="none")
+def quiet() -> str:
+    return "quiet"
+
+
+class Reporting(Task[..., Any]):
+    max_retries = 0
+    reported: list[tuple[str, str]] = []
+
+    def on_failure(self, exc: BaseException, task_id: str, args: list[Any],
+                   kwargs: dict[str, Any], einfo: str) -> None:
+        self.reported.append((task_id, repr(exc)))
+
+
+@task(base=Reporting)
+def reported_failure() -> None:
+    raise RuntimeError("reported")
