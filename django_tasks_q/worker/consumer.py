@@ -6,26 +6,28 @@ import contextlib
 import heapq
 import itertools
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime
-from datetime import timezone as dt_timezone
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import DatabaseError
+from django.db import connection as db_connection
+from django.utils import timezone
 from kombu import Consumer as KombuConsumer
 from kombu.asynchronous import Hub
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from .. import broker, client, execute, message, results
+from .. import broker, client, conf, execute, message, results
 from ..exceptions import WorkerLostError
-from ..models import TaskState
+from ..models import TaskResult, TaskState
 from .pool import LOST, Job, Pool
 
 logger = logging.getLogger("django_tasks_q.worker")
 
 RECONNECT_MAX_INTERVAL = 5.0
+REVOKED_REFRESH = 1.0  # seconds between reads of newly revoked ids
 
 
 class Consumer:
@@ -46,10 +48,13 @@ class Consumer:
         self.connection: Any = None
         self.on_ready: Callable[[], None] | None = None
         self._polled = False
+        self.revoked: set[str] = set()
+        self._revoked_since: datetime | None = None
         pool.on_done = self.on_done
 
     # -- connection life ---------------------------------------------------------------------
-    def run(self, wakeup_fd: int | None = None, on_wakeup: Callable[[], None] | None = None) -> None:
+    def run(self, wakeup_fd: int | None = None,
+            on_wakeup: Callable[[], None] | None = None) -> None:
         """Consume until a warm shutdown has drained the pool, or a cold one is asked for."""
         attempt = 0
         while not self.cold:
@@ -107,6 +112,7 @@ class Consumer:
             self.on_ready()
             self.on_ready = None
         hub.call_repeatedly(1.0, self._release_due)
+        hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
         loop = hub.create_loop()
         while not self.cold:
             if self.stopping:
@@ -122,7 +128,7 @@ class Consumer:
                 return
             try:
                 self.connection.drain_events(timeout=0)
-            except socket.timeout:
+            except TimeoutError:
                 return
 
     def _begin_shutdown(self) -> None:
@@ -163,6 +169,10 @@ class Consumer:
             self._settle(Job(None, raw), lambda m: m.reject(requeue=False))  # type: ignore[arg-type]
             return
         job = Job(msg, raw)
+        if msg.id in self.revoked:
+            logger.info("Task %s[%s] was revoked; not run", msg.name, msg.id)
+            self._settle(job, lambda m: m.ack())
+            return
         if msg.eta is not None and msg.eta.timestamp() > time.time():
             heapq.heappush(self.delayed, (msg.eta.timestamp(), next(self._seq), job))
             # A held message must not use up a prefetch slot, or held ones could starve the pool.
@@ -185,6 +195,27 @@ class Consumer:
         if released:
             self._set_prefetch()
             self._dispatch()
+
+    def _refresh_revoked(self) -> None:
+        # Revocations are rows in the result store; reading the new ones once a second keeps
+        # the per-message path free of database queries.
+        now = timezone.now()
+        since = self._revoked_since or now - conf.get().RESULT_EXPIRES
+        try:
+            ids = TaskResult.objects.filter(status=TaskState.REVOKED, date_done__gte=since
+                                            ).values_list("task_id", flat=True)[:100_000]
+            self.revoked.update(ids)
+        except DatabaseError as exc:
+            logger.warning("Could not read revoked tasks: %s", exc)
+            db_connection.close()  # reconnect next time
+            return
+        # Overlap the windows: a row committed late with an earlier timestamp is still seen.
+        self._revoked_since = now - timedelta(seconds=5)
+        if self.buffer and self.revoked:
+            for job in [j for j in self.buffer if j.msg.id in self.revoked]:
+                self.buffer.remove(job)
+                logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
+                self._settle(job, lambda m: m.ack())
 
     def _dispatch(self) -> None:
         pool, buffer = self.pool, self.buffer

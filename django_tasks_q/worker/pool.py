@@ -210,11 +210,9 @@ class PreforkPool(Pool):
         job.started = time.monotonic()
         job.pid = kid.pid
         kid.job = job
-        try:
+        # If the child is gone, its pipe's EOF reports the job as lost.
+        with contextlib.suppress(OSError):
             kid.pipe.send_bytes(pickle.dumps(job.msg))
-        except OSError:
-            # The child is gone; its pipe's EOF reports the job as lost.
-            pass
 
     def active(self) -> list[Job]:
         return [kid.job for kid in self._children.values() if kid.job is not None]

@@ -14,7 +14,7 @@ from django_tasks_q.worker.pool import POOLS
 
 class Command(BaseCommand):
     help = "Run a django-tasks-q worker."
-    requires_system_checks = "__all__"  # type: ignore[assignment]
+    requires_system_checks = "__all__"
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("-Q", "--queues", help="Comma-separated queues (default: QUEUES).")

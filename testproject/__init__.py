@@ -1,0 +1,1 @@
+"""The example project: a small shop whose orders send receipts through django-tasks-q."""
