@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any
@@ -74,10 +75,8 @@ class Publisher:
 
     def _reset(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # the connection is broken already
                 self._conn.release()
-            except Exception:  # noqa: BLE001 - the connection is broken already
-                pass
         self._conn = self._producer = None
         self._declared.clear()
 

@@ -1,10 +1,9 @@
-"""Client: checks arguments, routes, and publishes task messages (after commit inside a transaction)."""
+"""Client: checks arguments, routes and publishes task messages (on commit inside a transaction)."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +90,7 @@ def route(name: str, task_queue: str | None, queue: str | None,
 
 def _when(countdown: float | None, eta: datetime | None) -> datetime | None:
     if countdown is not None:
-        return datetime.now(dt_timezone.utc) + timedelta(seconds=float(countdown))
+        return datetime.now(UTC) + timedelta(seconds=float(countdown))
     if eta is not None and eta.tzinfo is None:
         raise ValueError("eta must be timezone-aware (use django.utils.timezone.now() + …)")
     return eta
@@ -101,7 +100,7 @@ def _expiry(expires: float | datetime | timedelta | None) -> datetime | None:
     if expires is None or isinstance(expires, datetime):
         return expires
     seconds = expires.total_seconds() if isinstance(expires, timedelta) else float(expires)
-    return datetime.now(dt_timezone.utc) + timedelta(seconds=seconds)
+    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,

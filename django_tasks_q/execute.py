@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import traceback as tb_module
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
@@ -57,7 +56,7 @@ def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
         logger.error("Task %s[%s] refused: %s", msg.name, msg.id, exc)
         return _fail(msg, None, exc, "", hostname, None)
 
-    now = datetime.now(dt_timezone.utc)
+    now = datetime.now(UTC)
     if msg.expires is not None and msg.expires <= now:
         logger.info("Task %s[%s] expired at %s; not run", msg.name, msg.id, msg.expires)
         if results.mode_for(task) != "none":
@@ -101,7 +100,7 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str,
         einfo = tb_module.format_exc()
         task.on_retry(cause, msg.id, msg.args, msg.kwargs, einfo)
         signals.task_retry.send(sender=task, request=msg, reason=cause, einfo=einfo)
-        eta = datetime.now(dt_timezone.utc) + timedelta(seconds=retry.when or 0)
+        eta = datetime.now(UTC) + timedelta(seconds=retry.when or 0)
         logger.info("Task %s[%s] retry %d in %.1fs: %s", msg.name, msg.id, msg.retries + 1,
                     retry.when or 0, cause)
         return Outcome(TaskState.RETRY, retry_eta=eta.isoformat(), error=repr(cause),

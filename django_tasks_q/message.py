@@ -7,8 +7,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 CONTENT_TYPE = "application/json"
@@ -53,7 +52,7 @@ def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt_timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return value.isoformat()
 
 
@@ -63,13 +62,13 @@ def _parse_time(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, (int, float)):
-        return datetime.now(dt_timezone.utc) + timedelta(seconds=value)
+        return datetime.now(UTC) + timedelta(seconds=value)
     else:
         try:
             parsed = datetime.fromisoformat(str(value))
         except ValueError as exc:
             raise MalformedMessage(f"bad timestamp {value!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt_timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def encode(msg: TaskMessage, body_json: str | None = None) -> tuple[str, dict[str, Any],

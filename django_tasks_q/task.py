@@ -141,7 +141,7 @@ class Task(Generic[P, R]):
 
     def retry(self, exc: BaseException | None = None, countdown: float | None = None,
               max_retries: int | None = None) -> Retry:
-        """Ask for this run to be tried again later; raises ``Retry`` (or ``exc`` when exhausted)."""
+        """Ask to run again later: raises ``Retry`` (or ``exc`` once retries are used up)."""
         req = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if limit is not None and req.retries >= limit:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,11 +46,8 @@ def target(request: pytest.FixtureRequest, settings: Any) -> Iterator[tuple[str,
 def qname(target: tuple[str, dict[str, Any]]) -> Iterator[str]:
     name = f"contract-{uuid.uuid4().hex[:8]}"
     yield name
-    with broker.connection() as conn:
-        try:
-            broker.queue(name)(conn.default_channel).delete()
-        except Exception:  # noqa: BLE001 - best effort cleanup
-            pass
+    with broker.connection() as conn, contextlib.suppress(Exception):  # best-effort cleanup
+        broker.queue(name)(conn.default_channel).delete()
 
 
 def publish(qname: str, name: str = "tests.tasks.multiply", args: list[Any] | None = None,
@@ -69,10 +66,8 @@ def receive(conn: Any, qname: str, n: int, timeout: float = 10.0) -> list[Any]:
     consumer.consume()
     deadline = time.monotonic() + timeout
     while len(got) < n and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=0.2)
-        except socket.timeout:
-            pass
     consumer.cancel()  # later deliveries (requeued ones) go to the next consumer
     return got
 

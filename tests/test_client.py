@@ -63,7 +63,8 @@ def test_apply_async_options_land_in_headers() -> None:
 
 def test_model_instance_argument_is_refused_naming_the_pk(db: None) -> None:
     order = Order.objects.create(customer_email="a@example.com")
-    with pytest.raises(TypeError, match=rf"argument 0 is a Order model instance.*\.pk = {order.pk}"):
+    refused = rf"argument 0 is a Order model instance.*\.pk = {order.pk}"
+    with pytest.raises(TypeError, match=refused):
         tasks.multiply.delay(order, 1)
     with pytest.raises(TypeError, match=r"keyword argument 'y' is a QuerySet.*values_list"):
         tasks.multiply.delay(1, y=Order.objects.all())

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -69,7 +68,7 @@ def test_unknown_task_fails_naming_task_not_registered() -> None:
 
 def test_expired_task_is_revoked_with_reason() -> None:
     m = msg("tests.tasks.multiply", 1, 1)
-    m.expires = datetime.now(dt_timezone.utc) - timedelta(seconds=1)
+    m.expires = datetime.now(UTC) - timedelta(seconds=1)
     assert execute.run(m).status == "REVOKED"
     row = TaskResult.objects.get(task_id=m.id)
     assert row.status == "REVOKED" and row.result["reason"] == "expired"
@@ -80,10 +79,10 @@ def test_autoretry_asks_for_retry_with_backoff_then_fails_once() -> None:
     first = execute.run(m)
     assert first.status == "RETRY"
     due = datetime.fromisoformat(first.retry_eta or "")
-    assert 0.5 < (due - datetime.now(dt_timezone.utc)).total_seconds() <= 1.0  # 1 * 2**0
+    assert 0.5 < (due - datetime.now(UTC)).total_seconds() <= 1.0  # 1 * 2**0
     m.retries = 1
     due = datetime.fromisoformat(execute.run(m).retry_eta or "")
-    assert 1.5 < (due - datetime.now(dt_timezone.utc)).total_seconds() <= 2.0  # 1 * 2**1
+    assert 1.5 < (due - datetime.now(UTC)).total_seconds() <= 2.0  # 1 * 2**1
     assert TaskResult.objects.count() == 0  # retries store nothing
     m.retries = 2
     assert execute.run(m).status == "FAILURE"
