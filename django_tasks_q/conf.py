@@ -70,10 +70,8 @@ def get() -> Settings:
     if not isinstance(expires, timedelta):
         merged["RESULT_EXPIRES"] = timedelta(seconds=float(expires))
     merged["TIMEZONE"] = merged["TIMEZONE"] or getattr(django_settings, "TIME_ZONE", None) or "UTC"
-    queues = list(merged["QUEUES"])
-    if merged["DEFAULT_QUEUE"] not in queues and "QUEUES" not in raw:
-        queues.insert(0, merged["DEFAULT_QUEUE"])
-    merged["QUEUES"] = queues
+    # Without an explicit list, the queues are just the default one, whatever it is named.
+    merged["QUEUES"] = list(raw["QUEUES"]) if "QUEUES" in raw else [merged["DEFAULT_QUEUE"]]
     return Settings(
         **merged,
         unknown_keys=tuple(sorted(k for k in raw if k not in DEFAULTS)),

@@ -107,6 +107,7 @@ class Consumer:
         else:
             hub.call_repeatedly(conn.transport.polling_interval or 0.1, self._poll)
         hub.propagate_errors = conn.connection_errors + conn.channel_errors
+        self._refresh_revoked()
         self.kombu.consume()
         if self.on_ready is not None:
             self.on_ready()
@@ -169,10 +170,6 @@ class Consumer:
             self._settle(Job(None, raw), lambda m: m.reject(requeue=False))  # type: ignore[arg-type]
             return
         job = Job(msg, raw)
-        if msg.id in self.revoked:
-            logger.info("Task %s[%s] was revoked; not run", msg.name, msg.id)
-            self._settle(job, lambda m: m.ack())
-            return
         if msg.eta is not None and msg.eta.timestamp() > time.time():
             heapq.heappush(self.delayed, (msg.eta.timestamp(), next(self._seq), job))
             # A held message must not use up a prefetch slot, or held ones could starve the pool.
@@ -211,16 +208,16 @@ class Consumer:
             return
         # Overlap the windows: a row committed late with an earlier timestamp is still seen.
         self._revoked_since = now - timedelta(seconds=5)
-        if self.buffer and self.revoked:
-            for job in [j for j in self.buffer if j.msg.id in self.revoked]:
-                self.buffer.remove(job)
-                logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
-                self._settle(job, lambda m: m.ack())
 
     def _dispatch(self) -> None:
-        pool, buffer = self.pool, self.buffer
+        pool, buffer, revoked = self.pool, self.buffer, self.revoked
         while buffer and pool.free():
-            pool.submit(buffer.popleft())
+            job = buffer.popleft()
+            if job.msg.id in revoked:
+                logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
+                self._settle(job, lambda m: m.ack())
+                continue
+            pool.submit(job)
 
     # -- outcomes ----------------------------------------------------------------------------
     def on_done(self, job: Job, outcome: execute.Outcome) -> None:

@@ -41,6 +41,10 @@ class Worker:
             raise ValueError(f"Unknown pool {options.pool!r}; use one of {', '.join(POOLS)}")
         if options.concurrency < 1:
             raise ValueError("Concurrency must be at least 1")
+        if options.pool == "prefork" and conf.get().BROKER_URL.startswith("memory://"):
+            raise ValueError("The memory:// broker lives inside one process, so forked pool "
+                             "children would each see their own copy of it; use -P solo or "
+                             "-P threads with memory://, or a real broker for prefork")
         self.options = options
         self.hostname = options.hostname or default_hostname()
         size = 1 if options.pool == "solo" else options.concurrency

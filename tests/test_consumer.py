@@ -1,0 +1,120 @@
+"""The worker's consumer in-process on memory:// (threads and solo pools, never prefork here)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+from typing import Any
+
+import pytest
+from kombu import Connection, Producer
+
+from django_tasks_q import AsyncResult, broker
+from django_tasks_q.execute import Outcome
+from django_tasks_q.models import TaskResult
+from django_tasks_q.worker.consumer import Consumer
+from django_tasks_q.worker.main import Worker, WorkerOptions
+from django_tasks_q.worker.pool import POOLS, Job
+
+from . import tasks
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run_until(pool_name: str, expected: int, timeout: float = 15.0) -> list[tuple[str, str]]:
+    """Run a consumer on queue ``default`` until ``expected`` jobs finished."""
+    done: list[tuple[str, str]] = []
+    pool = POOLS[pool_name](2, "t", on_done=lambda j, o: None)
+    consumer = Consumer(["default"], pool, "t", prefetch=4)
+    settle = consumer.on_done
+
+    def on_done(job: Job, outcome: Outcome) -> None:
+        done.append((job.msg.name, outcome.status))
+        settle(job, outcome)
+        if len(done) >= expected:
+            consumer.stopping = True
+
+    consumer.on_done = on_done  # type: ignore[method-assign]
+    pool.on_done = on_done
+    timer = threading.Timer(timeout, lambda: setattr(consumer, "cold", True))
+    timer.start()
+    pool.start()
+    try:
+        consumer.run()
+    finally:
+        timer.cancel()
+        pool.stop()
+    return done
+
+
+def raw_publish(body: Any, headers: dict[str, Any], **kw: Any) -> None:
+    with Connection("memory://") as conn:
+        Producer(conn).publish(body, exchange=broker.queue("default").exchange,
+                               routing_key="default", headers=headers,
+                               declare=[broker.queue("default")], **kw)
+
+
+def queue_size() -> int:
+    with Connection("memory://") as conn:
+        return broker.queue("default")(conn.default_channel).queue_declare(passive=True).message_count
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_runs_tasks_and_stores_what_is_asked(pool: str) -> None:
+    r = tasks.multiply.delay(3, 4)
+    tasks.boom.delay("x")
+    assert sorted(run_until(pool, 2)) == [("tests.tasks.boom", "FAILURE"),
+                                          ("tests.tasks.multiply", "SUCCESS")]
+    assert r.get(timeout=1) == 12
+    assert TaskResult.objects.filter(status="FAILURE", task_name="tests.tasks.boom").count() == 1
+    assert queue_size() == 0
+
+
+def test_undecodable_and_pickled_messages_are_dropped_once(caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    raw_publish(pickle.dumps(([1], {}, {})), {"task": "tests.tasks.multiply", "id": "pickled"},
+                content_type="application/x-python-serialize", content_encoding="binary")
+    raw_publish("{not json", {"task": "tests.tasks.multiply", "id": "garbled"},
+                content_type="application/json", content_encoding="utf-8")
+    raw_publish("[1, 2]", {"task": "tests.tasks.multiply", "id": "wrong-shape"},
+                content_type="application/json", content_encoding="utf-8")
+    tasks.multiply.delay(1, 1)  # the worker carries on after them
+    with caplog.at_level(logging.ERROR, "django_tasks_q.worker"):
+        assert run_until("solo", 1) == [("tests.tasks.multiply", "SUCCESS")]
+    dropped = [r.getMessage() for r in caplog.records if "Dropped message" in r.getMessage()]
+    assert len(dropped) == 3
+    assert any("pickled" in d and "x-python-serialize" in d for d in dropped)
+    assert any("garbled" in d for d in dropped) and any("wrong-shape" in d for d in dropped)
+    assert queue_size() == 0
+
+
+def test_retry_is_published_again_and_runs() -> None:
+    r = tasks.retries_then_ok.delay(2)
+    assert run_until("threads", 3) == [("tests.tasks.retries_then_ok", "RETRY")] * 2 + [
+        ("tests.tasks.retries_then_ok", "SUCCESS")]
+    assert r.get(timeout=1) == 2
+
+
+def test_countdown_task_waits_until_due() -> None:
+    import time
+
+    r = tasks.multiply.apply_async(args=(2, 2), countdown=1.5)
+    start = time.monotonic()
+    assert run_until("solo", 1) == [("tests.tasks.multiply", "SUCCESS")]
+    assert time.monotonic() - start >= 1.4
+    assert r.get(timeout=1) == 4
+
+
+def test_revoked_task_is_not_run() -> None:
+    r = tasks.multiply.apply_async(args=(1, 2), countdown=1.2)
+    AsyncResult(r.id).revoke()
+    tasks.multiply.delay(5, 5)
+    assert run_until("solo", 1) == [("tests.tasks.multiply", "SUCCESS")]
+    assert AsyncResult(r.id).status == "REVOKED"
+
+
+def test_prefork_is_refused_on_memory_broker() -> None:
+    with pytest.raises(ValueError, match="memory:// broker lives inside one process"):
+        Worker(WorkerOptions(queues=["default"], concurrency=2, pool="prefork"))
+    assert Worker(WorkerOptions(queues=["default"], concurrency=2, pool="threads")).pool.size == 2
