@@ -37,3 +37,11 @@ ROOT_URLCONF = "testproject.urls"
 DATABASES = {"default": env.db("DATABASE_URL", default="sqlite:///:memory:")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 TASKS_Q = {"BROKER_URL": "memory://", "QUEUES": ["default", "high", "low"]}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    import os
+    import tempfile
+
+    # A file, not memory: the threads pool and the embedded broker use several connections.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.path.join(tempfile.gettempdir(), f"dtq-tests-{os.getpid()}.sqlite3")}
+    DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20})

@@ -57,7 +57,8 @@ def raw_publish(body: Any, headers: dict[str, Any], **kw: Any) -> None:
 
 def queue_size() -> int:
     with Connection("memory://") as conn:
-        return broker.queue("default")(conn.default_channel).queue_declare(passive=True).message_count
+        declared = broker.queue("default")(conn.default_channel).queue_declare(passive=True)
+        return declared.message_count
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
