@@ -53,3 +53,8 @@ class Reporting(Task[..., Any]):
 @task(base=Reporting)
 def reported_failure() -> None:
     raise RuntimeError("reported")
+
+
+@task(acks_late=False)
+def early_ack() -> str:
+    return "acked before it ran"

@@ -22,6 +22,12 @@ from . import tasks
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def _empty_queue() -> None:
+    with Connection("memory://") as conn:
+        broker.queue("default")(conn.default_channel).purge()
+
+
 def run_until(pool_name: str, expected: int, timeout: float = 15.0) -> list[tuple[str, str]]:
     """Run a consumer on queue ``default`` until ``expected`` jobs finished."""
     done: list[tuple[str, str]] = []
@@ -119,3 +125,23 @@ def test_prefork_is_refused_on_memory_broker() -> None:
     with pytest.raises(ValueError, match="memory:// broker lives inside one process"):
         Worker(WorkerOptions(queues=["default"], concurrency=2, pool="prefork"))
     assert Worker(WorkerOptions(queues=["default"], concurrency=2, pool="threads")).pool.size == 2
+
+
+def test_acks_late_false_acknowledges_before_running(settings: Any) -> None:
+    tasks.early_ack.delay()
+    acked_at_start: list[bool] = []
+    original = POOLS["solo"].submit
+
+    def submit(self: Any, job: Job) -> None:
+        acked_at_start.append(job.settled)
+        original(self, job)
+
+    POOLS["solo"].submit = submit  # type: ignore[method-assign]
+    try:
+        assert run_until("solo", 1) == [("tests.tasks.early_ack", "SUCCESS")]
+        tasks.multiply.delay(1, 1)
+        assert run_until("solo", 1) == [("tests.tasks.multiply", "SUCCESS")]
+    finally:
+        POOLS["solo"].submit = original  # type: ignore[method-assign]
+    assert acked_at_start == [True, False]
+    assert queue_size() == 0

@@ -19,8 +19,8 @@ from kombu import Consumer as KombuConsumer
 from kombu.asynchronous import Hub
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from .. import broker, client, conf, execute, message, results
-from ..exceptions import WorkerLostError
+from .. import broker, client, conf, execute, message, registry, results
+from ..exceptions import TaskNotRegistered, WorkerLostError
 from ..models import TaskResult, TaskState
 from .pool import LOST, Job, Pool
 
@@ -209,6 +209,14 @@ class Consumer:
         # Overlap the windows: a row committed late with an earlier timestamp is still seen.
         self._revoked_since = now - timedelta(seconds=5)
 
+    @staticmethod
+    def _acks_late(name: str) -> bool:
+        try:
+            option = registry.get(name).acks_late
+        except TaskNotRegistered:
+            return True
+        return conf.get().ACKS_LATE if option is None else option
+
     def _dispatch(self) -> None:
         pool, buffer, revoked = self.pool, self.buffer, self.revoked
         while buffer and pool.free():
@@ -217,6 +225,9 @@ class Consumer:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
                 self._settle(job, lambda m: m.ack())
                 continue
+            if not self._acks_late(job.msg.name):
+                # At-most-once by request: acknowledged before it runs, never delivered again.
+                self._settle(job, lambda m: m.ack())
             pool.submit(job)
 
     # -- outcomes ----------------------------------------------------------------------------
@@ -259,8 +270,9 @@ class Consumer:
         self._settle(job, lambda m: m.ack())
 
     def _settle(self, job: Job, action: Callable[[Any], None]) -> None:
-        if job.stale:
+        if job.stale or job.settled:
             return
+        job.settled = True
         try:
             action(job.message)
         except self.connection.connection_errors + self.connection.channel_errors:

@@ -35,6 +35,7 @@ class Job:
     message: Any  # the kombu message; stays in the parent
     started: float = 0.0
     stale: bool = False  # its broker connection is gone: the broker redelivers it
+    settled: bool = False  # acknowledged or rejected already
     pid: int | None = field(default=None)
 
 
