@@ -60,8 +60,10 @@ class Publisher:
                 self._producer = Producer(self._conn, auto_declare=False)
             declare = [] if queue_name in self._declared else [queue(queue_name)]
             try:
+                # The default exchange routes by queue name with no binding lookup: one round
+                # trip less per message on Redis and django://, the same queue on AMQP.
                 self._producer.publish(
-                    body, exchange=queue_name, routing_key=queue_name, headers=headers,
+                    body, exchange="", routing_key=queue_name, headers=headers,
                     content_type="application/json", content_encoding="utf-8",
                     priority=priority, delivery_mode=2, declare=declare, retry=True,
                     retry_policy=PUBLISH_RETRY_POLICY, **properties)
