@@ -1,0 +1,1 @@
+"""The bench Django project: settings from the environment and the one benchmark task."""
