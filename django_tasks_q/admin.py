@@ -1,10 +1,10 @@
-"""Surface: the admin for stored outcomes and schedules."""
+"""Surface: the admin for stored task outcomes."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 
-from .models import PeriodicTask, TaskResult
+from .models import TaskResult
 
 
 @admin.register(TaskResult)
@@ -18,12 +18,3 @@ class TaskResultAdmin(admin.ModelAdmin):
     readonly_fields = ("task_id", "task_name", "status", "args", "kwargs", "result", "traceback",
                        "worker", "queue", "retries", "date_created", "date_started", "date_done")
 
-
-@admin.register(PeriodicTask)
-class PeriodicTaskAdmin(admin.ModelAdmin):
-    """Schedules."""
-
-    list_display = ("name", "task", "crontab", "interval", "run_at", "enabled", "last_run_at",
-                    "total_run_count")
-    list_filter = ("enabled",)
-    search_fields = ("name", "task")

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 
-from . import broker, conf, message, signals
-from .exceptions import TasksQError
-from .task import current_request
+from . import broker, conf, message, registry, signals
+from .exceptions import TaskNotRegistered, TasksQError
+from .execute import current_request, mode_for
 
 if TYPE_CHECKING:
     from .results import AsyncResult
@@ -112,8 +112,8 @@ def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
     from . import results
 
     body = encode_body(task.name, args, kwargs)
-    queue, priority = route(task.name, task.queue, queue, task.priority if priority is None
-                            else priority)
+    queue, priority = route(task.name, task.queue, queue, priority)
+    priority = task.priority if priority is None else priority
     parent = current_request()
     msg = message.TaskMessage(
         id=task_id or message.new_id(), name=task.name, args=args, kwargs=kwargs,
@@ -122,15 +122,26 @@ def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
         time_limit=task.time_limit, soft_time_limit=task.soft_time_limit,
         parent_id=parent.id if parent else None,
         root_id=(parent.root_id or parent.id) if parent else None,
-        ignore_result=results.mode_for(task) != "all", queue=queue, priority=priority,
+        ignore_result=mode_for(task) != "all", queue=queue, priority=priority,
         headers=dict(headers or {}),
     )
     if conf.get().EAGER:
-        from . import execute
-
-        return execute.run_eager(task, msg)
+        return run_eager(task, msg)
     publish(msg, body)
     return results.AsyncResult(msg.id, task=task)
+
+
+def run_eager(task: Task[Any, Any], msg: message.TaskMessage) -> AsyncResult:
+    """Run ``msg`` inline, retries included (without waiting), for ``EAGER`` mode."""
+    from . import execute, results
+
+    while True:
+        outcome = execute.run(msg, hostname="eager", eager=True)
+        if outcome.status != execute.TaskState.RETRY:
+            break
+        msg.retries += 1
+    return results.EagerResult(msg.id, task, outcome.status, value=outcome.value,
+                               exc=outcome.exc, traceback=outcome.traceback)
 
 
 def publish(msg: message.TaskMessage, body: str | None = None) -> None:
@@ -164,4 +175,8 @@ def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
                               kwargs=kwargs, eta=_when(countdown, eta), queue=queue,
                               priority=priority)
     publish(msg, body)
-    return results.AsyncResult(msg.id)
+    try:
+        known: Task[Any, Any] | None = registry.get(name)
+    except TaskNotRegistered:
+        known = None
+    return results.AsyncResult(msg.id, task=known)

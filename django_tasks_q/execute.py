@@ -2,24 +2,87 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback as tb_module
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.utils import timezone
 
-from . import registry, results, signals
+from . import conf, registry, signals
 from .exceptions import Reject, Retry, TaskNotRegistered
-from .models import TaskState
-from .task import Request, _current
+from .states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
     from .message import TaskMessage
     from .task import Task
 
 logger = logging.getLogger("django_tasks_q.execute")
+
+
+@dataclass
+class Request:
+    """What a running task knows about its own invocation (``self.request``)."""
+
+    id: str | None = None
+    task: str = ""
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    eta: datetime | None = None
+    expires: datetime | None = None
+    queue: str = ""
+    hostname: str = ""
+    root_id: str | None = None
+    parent_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    is_eager: bool = False
+    called_directly: bool = True
+
+
+_current: ContextVar[Request | None] = ContextVar("django_tasks_q_request", default=None)
+
+
+def current_request() -> Request | None:
+    """The request of the task running in this context, if any."""
+    return _current.get()
+
+
+def mode_for(task: Task[Any, Any] | None) -> str:
+    """What is kept for ``task``: its own ``results=`` option, else ``TASKS_Q["RESULTS"]``."""
+    if task is not None and task.results:
+        return task.results
+    return conf.get().RESULTS
+
+
+def exception_info(exc: BaseException) -> dict[str, str]:
+    """The JSON form of an exception, as Celery stores it."""
+    cls = type(exc)
+    return {"exc_type": cls.__name__, "exc_qualname": cls.__qualname__,
+            "exc_module": cls.__module__, "exc_message": str(exc)}
+
+
+def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str = "",
+          worker: str = "", date_started: datetime | None = None) -> None:
+    """Write the outcome of ``msg`` in one statement (insert, or update the existing row)."""
+    from .models import TaskResult  # models load once the app registry is ready
+
+    now = timezone.now()
+    row = TaskResult(
+        task_id=msg.id, task_name=msg.name, status=status, args=msg.args, kwargs=msg.kwargs,
+        result=result, traceback=traceback, worker=worker, queue=msg.queue,
+        retries=msg.retries, date_created=now, date_started=date_started,
+        date_done=now if status in READY_STATES else None,
+    )
+    TaskResult.objects.bulk_create(
+        [row], update_conflicts=True, unique_fields=["task_id"],
+        update_fields=["status", "result", "traceback", "worker", "queue", "retries",
+                       "date_started", "date_done"],
+    )
 
 REJECT = "REJECT"  # drop the message without storing anything
 REQUEUE = "REQUEUE"  # give the message back to the broker
@@ -41,8 +104,8 @@ class Outcome:
 
 def _fail(msg: TaskMessage, task: Task[Any, Any] | None, exc: BaseException, tb: str,
           hostname: str, started: datetime | None) -> Outcome:
-    if results.mode_for(task) != "none":
-        results.store(msg, TaskState.FAILURE, result=results.exception_info(exc), traceback=tb,
+    if mode_for(task) != "none":
+        store(msg, TaskState.FAILURE, result=exception_info(exc), traceback=tb,
                       worker=hostname, date_started=started)
     return Outcome(TaskState.FAILURE, error=f"{type(exc).__name__}: {exc}", exc=exc,
                    traceback=tb)
@@ -59,8 +122,8 @@ def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
     now = datetime.now(UTC)
     if msg.expires is not None and msg.expires <= now:
         logger.info("Task %s[%s] expired at %s; not run", msg.name, msg.id, msg.expires)
-        if results.mode_for(task) != "none":
-            results.store(msg, TaskState.REVOKED, worker=hostname,
+        if mode_for(task) != "none":
+            store(msg, TaskState.REVOKED, worker=hostname,
                           result={"reason": "expired", "expires": msg.expires.isoformat()})
         signals.task_revoked.send(sender=task, request=msg, expired=True, terminated=False)
         return Outcome(TaskState.REVOKED, error="expired")
@@ -118,21 +181,17 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str,
         logger.error("Task %s[%s] failed: %s", msg.name, msg.id, outcome.error)
         outcome.runtime = (datetime.now() - clock).total_seconds()
         return outcome
-    if results.mode_for(task) == "all":
-        results.store(msg, TaskState.SUCCESS, result=value, worker=hostname,
-                      date_started=started)
+    if mode_for(task) == "all":
+        try:
+            # Checked before the write: a failed write would spoil the caller's transaction.
+            json.dumps(value, cls=DjangoJSONEncoder)
+        except (TypeError, ValueError) as exc:
+            bad = TypeError(f"the return value ({type(value).__name__}) cannot be stored as "
+                            f"JSON: {exc}; return plain data, or use results='errors'")
+            logger.error("Task %s[%s]: %s", msg.name, msg.id, bad)
+            return _fail(msg, task, bad, "", hostname, started)
+        store(msg, TaskState.SUCCESS, result=value, worker=hostname, date_started=started)
     task.on_success(value, msg.id, msg.args, msg.kwargs)
     signals.task_success.send(sender=task, result=value)
     return Outcome(TaskState.SUCCESS, value=value,
                    runtime=(datetime.now() - clock).total_seconds())
-
-
-def run_eager(task: Task[Any, Any], msg: TaskMessage) -> results.EagerResult:
-    """Run ``msg`` inline, retries included (without waiting), for ``EAGER`` mode."""
-    while True:
-        outcome = run(msg, hostname="eager", eager=True)
-        if outcome.status != TaskState.RETRY:
-            break
-        msg.retries += 1
-    return results.EagerResult(msg.id, task, outcome.status, value=outcome.value,
-                               exc=outcome.exc, traceback=outcome.traceback)

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.utils import timezone
 
+from .states import READY_STATES, TaskState
 
-class TaskState(models.TextChoices):
-    """Task states, named as Celery names them."""
-
-    PENDING = "PENDING"
-    STARTED = "STARTED"
-    RETRY = "RETRY"
-    SUCCESS = "SUCCESS"
-    FAILURE = "FAILURE"
-    REVOKED = "REVOKED"
-
-
-READY_STATES = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED})
+__all__ = ["READY_STATES", "PeriodicTask", "QueueMessage", "TaskResult", "TaskState"]
 
 
 class TaskResult(models.Model):
@@ -28,13 +20,14 @@ class TaskResult(models.Model):
                               default=TaskState.PENDING, db_index=True)
     args = models.JSONField(default=list, blank=True)
     kwargs = models.JSONField(default=dict, blank=True)
-    result = models.JSONField(null=True, blank=True,
+    result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder,
                               help_text="Return value, or {exc_type, exc_message} on failure.")
     traceback = models.TextField(blank=True)
     worker = models.CharField(max_length=255, blank=True)
     queue = models.CharField(max_length=255, blank=True)
     retries = models.PositiveIntegerField(default=0)
-    date_created = models.DateTimeField(auto_now_add=True)
+    # Not auto_now_add: the row is written once, when the task is done, with one clock reading.
+    date_created = models.DateTimeField(default=timezone.now)
     date_started = models.DateTimeField(null=True, blank=True)
     date_done = models.DateTimeField(null=True, blank=True, db_index=True)
 

@@ -12,25 +12,11 @@ from django.utils import timezone
 
 from . import conf
 from .exceptions import ResultsNotKept, TaskFailed, TaskRevokedError, TimeoutError
+from .execute import mode_for, store
 from .models import READY_STATES, TaskResult, TaskState
 
 if TYPE_CHECKING:
-    from .message import TaskMessage
     from .task import Task
-
-
-def mode_for(task: Task[Any, Any] | None) -> str:
-    """What is kept for ``task``: its own ``results=`` option, else ``TASKS_Q["RESULTS"]``."""
-    if task is not None and task.results:
-        return task.results
-    return conf.get().RESULTS
-
-
-def exception_info(exc: BaseException) -> dict[str, str]:
-    """The JSON form of an exception, as Celery stores it."""
-    cls = type(exc)
-    return {"exc_type": cls.__name__, "exc_qualname": cls.__qualname__,
-            "exc_module": cls.__module__, "exc_message": str(exc)}
 
 
 def rebuild_exception(info: Any) -> BaseException:
@@ -48,23 +34,6 @@ def rebuild_exception(info: Any) -> BaseException:
     except Exception:  # noqa: BLE001 - fall back to a stand-in below
         pass
     return type(name, (TaskFailed,), {"__module__": module})(text)
-
-
-def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str = "",
-          worker: str = "", date_started: datetime | None = None) -> None:
-    """Write the outcome of ``msg`` in one statement (insert, or update the existing row)."""
-    now = timezone.now()
-    row = TaskResult(
-        task_id=msg.id, task_name=msg.name, status=status, args=msg.args, kwargs=msg.kwargs,
-        result=result, traceback=traceback, worker=worker, queue=msg.queue,
-        retries=msg.retries, date_created=now, date_started=date_started,
-        date_done=now if status in READY_STATES else None,
-    )
-    TaskResult.objects.bulk_create(
-        [row], update_conflicts=True, unique_fields=["task_id"],
-        update_fields=["status", "result", "traceback", "worker", "queue", "retries",
-                       "date_started", "date_done"],
-    )
 
 
 def store_state(task_id: str | None, task: Task[Any, Any], state: str, meta: Any) -> None:
@@ -140,10 +109,12 @@ class AsyncResult:
         return row.traceback if row and row.traceback else None
 
     def _check_kept(self) -> None:
+        if self.task is None:
+            return  # a bare id: its task may keep results even where the default does not
         mode = mode_for(self.task)
         if mode == "all":
             return
-        name = self.task.name if self.task else "this task"
+        name = self.task.name
         if mode == "none":
             raise ResultsNotKept(
                 f"{name} keeps no results (results='none'), so .get() would wait forever; "
@@ -186,6 +157,8 @@ class AsyncResult:
         """Mark the task revoked: a worker that receives it later does not run it."""
         from .message import TaskMessage
 
+        if TaskResult.objects.filter(task_id=self.id, status__in=READY_STATES).exists():
+            return  # finished already: its outcome stays as it is
         name = self.task.name if self.task else ""
         store(TaskMessage(id=self.id, name=name, args=[], kwargs={}), TaskState.REVOKED,
               result={"reason": "revoked", "terminate": terminate})

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import registry
 from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
+from .execute import Request, current_request
 
 if TYPE_CHECKING:
     from .results import AsyncResult
@@ -26,34 +24,6 @@ OPTIONS = frozenset({
 APPLY_OPTIONS = frozenset({
     "args", "kwargs", "countdown", "eta", "expires", "queue", "priority", "task_id", "headers",
 })
-
-
-@dataclass
-class Request:
-    """What a running task knows about its own invocation (``self.request``)."""
-
-    id: str | None = None
-    task: str = ""
-    args: list[Any] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    retries: int = 0
-    eta: datetime | None = None
-    expires: datetime | None = None
-    queue: str = ""
-    hostname: str = ""
-    root_id: str | None = None
-    parent_id: str | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
-    is_eager: bool = False
-    called_directly: bool = True
-
-
-_current: ContextVar[Request | None] = ContextVar("django_tasks_q_request", default=None)
-
-
-def current_request() -> Request | None:
-    """The request of the task running in this context, if any."""
-    return _current.get()
 
 
 class Task(Generic[P, R]):
@@ -109,7 +79,7 @@ class Task(Generic[P, R]):
     @property
     def request(self) -> Request:
         """The invocation being run in this context (a direct-call stand-in outside a worker)."""
-        req = _current.get()
+        req = current_request()
         if req is not None and req.task == self.name:
             return req
         return Request(task=self.name)

@@ -58,3 +58,10 @@ def reported_failure() -> None:
 @task(acks_late=False)
 def early_ack() -> str:
     return "acked before it ran"
+
+
+@task(results="all")
+def echo(kind: str) -> object:
+    from decimal import Decimal
+
+    return {1, 2} if kind == "set" else Decimal(kind)

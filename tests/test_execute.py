@@ -124,7 +124,7 @@ def test_get_raises_at_once_when_results_are_not_kept() -> None:
     with pytest.raises(ResultsNotKept, match="results='none'"):
         r.get(timeout=30)
     with pytest.raises(ResultsNotKept, match="keeps only failures.*results='all'"):
-        AsyncResult("x").get(timeout=30)
+        AsyncResult("x", task=tasks.boom).get(timeout=30)
 
 
 def test_get_waits_and_times_out_when_results_are_kept() -> None:
@@ -149,7 +149,7 @@ def test_nested_exception_class_is_rebuilt() -> None:
     from django_tasks_q import results
     from testproject.testapp.models import Order
 
-    exc = results.rebuild_exception(results.exception_info(Order.DoesNotExist("gone")))
+    exc = results.rebuild_exception(execute.exception_info(Order.DoesNotExist("gone")))
     assert isinstance(exc, Order.DoesNotExist)
     unknown = results.rebuild_exception({"exc_type": "Gone", "exc_module": "no.such.module",
                                          "exc_message": "m"})
@@ -160,3 +160,25 @@ def test_revoke_marks_revoked() -> None:
     r = AsyncResult("to-revoke")
     r.revoke()
     assert r.status == "REVOKED"
+
+
+def test_bare_id_waits_rather_than_guessing_the_mode() -> None:
+    with pytest.raises(TimeoutError):
+        AsyncResult("unknown-task-id").get(timeout=0.2)
+
+
+def test_revoke_leaves_a_finished_outcome_alone() -> None:
+    m = msg("tests.tasks.multiply", 2, 2)
+    execute.run(m)
+    AsyncResult(m.id).revoke()
+    assert AsyncResult(m.id).get() == 4
+
+
+def test_return_value_that_cannot_be_stored_is_a_clear_failure() -> None:
+    m = msg("tests.tasks.echo", "1.50")
+    assert execute.run(m).status == "SUCCESS"  # Decimal is stored (as a string)
+    assert AsyncResult(m.id).get() == "1.50"
+    m = msg("tests.tasks.echo", "set")
+    outcome = execute.run(m)
+    assert outcome.status == "FAILURE" and "cannot be stored as JSON" in outcome.error
+    assert TaskResult.objects.get(task_id=m.id).status == "FAILURE"

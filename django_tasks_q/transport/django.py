@@ -16,14 +16,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import reduce
 from operator import or_
 from queue import Empty
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import django
-from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 from django.db.models import F, Q
 from django.utils import timezone
 from kombu.transport import TRANSPORT_ALIASES, virtual
@@ -39,6 +39,20 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Raw = dict[str, Any]
+Row = tuple[int, str, str, int, int]  # id, queue, payload, deliveries (this one included), priority
+
+PG_CLAIM = """
+UPDATE {table} AS m SET visible_at = %s, claimed_by = %s, deliveries = m.deliveries + 1
+FROM (
+    SELECT c.id FROM unnest(%s::varchar[]) AS q(name) CROSS JOIN LATERAL (
+        SELECT id, priority FROM {table} WHERE queue = q.name AND visible_at <= %s
+        ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority DESC, c.id LIMIT %s
+) AS picked
+WHERE m.id = picked.id
+RETURNING m.id, m.queue, m.payload, m.deliveries, m.priority
+"""
 
 #: Most rows one claim takes, however much the consumer's prefetch would allow.
 CLAIM_MAX = 32
@@ -202,10 +216,12 @@ class Channel(virtual.Channel):
             self._delete(queue)
 
     def _lookup(self, exchange: str, routing_key: str, default: str | None = None) -> Any:
-        # Bindings live in each process's memory; a publisher that never declared the
-        # consumer's queue still reaches it when exchange and queue share the routing key.
+        # Bindings live in each process's memory. A publisher that never declared the
+        # consumer's queue still reaches it in the layout used everywhere here (a direct
+        # exchange, queue and routing key of one name); any other unrouted message is
+        # dropped, as AMQP would.
         queues = super()._lookup(exchange, routing_key, default)
-        if not queues and routing_key and self.typeof(exchange).type == "direct":
+        if not queues and exchange == routing_key and self.typeof(exchange).type == "direct":
             return [routing_key]
         return queues
 
@@ -215,36 +231,47 @@ class Channel(virtual.Channel):
         """Lease up to `limit` of the first ready rows of `queues` to this channel."""
         now = timezone.now()
         lease = now + timedelta(seconds=self.visibility_timeout)
+        if self.db.vendor == "postgresql":
+            found = self._claim_skip_locked(queues, limit, now, lease)
+        else:
+            found = self._claim_conditionally(queues, limit, now, lease)
+        found.sort(key=lambda row: (-row[4], row[0]))
+        return [self._decode(*row[:4]) for row in found]
+
+    def _claim_skip_locked(self, queues: list[str], limit: int, now: datetime,
+                           lease: datetime) -> list[Row]:
+        # One statement: an index scan per queue (a plain IN list would sort the whole
+        # backlog), passing rows another consumer holds locked instead of waiting for them.
+        table = self.db.ops.quote_name(self.model._meta.db_table)
+        with self.db.cursor() as cursor:
+            cursor.execute(PG_CLAIM.format(table=table),
+                           [lease, self.owner, queues, now, limit, limit])
+            return [tuple(row) for row in cursor.fetchall()]
+
+    def _claim_conditionally(self, queues: list[str], limit: int, now: datetime,
+                             lease: datetime) -> list[Row]:
+        # No row locks (SQLite): the UPDATE takes only rows still ready, so of two
+        # consumers racing for a row exactly one changes it, and it can tell which.
         rows = self._rows()
         which = {"queue": queues[0]} if len(queues) == 1 else {"queue__in": queues}
         ready = rows.filter(visible_at__lte=now, **which).order_by("-priority", "id")
-        fields = ("id", "queue", "payload", "deliveries")
+        found = list(ready.values_list("id", "queue", "payload", "deliveries", "priority")
+                     [:limit])
+        ids = [row[0] for row in found]
         claim = {"visible_at": lease, "claimed_by": self.owner,
                  "deliveries": F("deliveries") + 1}
-        if self.db.features.has_select_for_update_skip_locked:
-            # Rows another consumer is claiming right now are locked: pass them, never wait.
-            with transaction.atomic(using=self.database):
-                found = list(ready.select_for_update(skip_locked=True)
-                             .values_list(*fields)[:limit])
-                if found:
-                    rows.filter(id__in=[row[0] for row in found]).update(**claim)
-        else:
-            # No row locks (SQLite): the UPDATE takes only rows still ready, so of two
-            # consumers racing for a row exactly one changes it, and it can tell which.
-            found = list(ready.values_list(*fields)[:limit])
-            ids = [row[0] for row in found]
-            if ids and rows.filter(id__in=ids, visible_at__lte=now).update(**claim) < len(ids):
-                won = set(rows.filter(id__in=ids, claimed_by=self.owner, visible_at=lease)
-                          .values_list("id", flat=True))
-                found = [row for row in found if row[0] in won]
-        return [self._decode(*row) for row in found]
+        if ids and rows.filter(id__in=ids, visible_at__lte=now).update(**claim) < len(ids):
+            won = set(rows.filter(id__in=ids, claimed_by=self.owner, visible_at=lease)
+                      .values_list("id", flat=True))
+            found = [row for row in found if row[0] in won]
+        return [(row_id, queue, payload, n + 1, prio) for row_id, queue, payload, n, prio in found]
 
     def _decode(self, row_id: int, queue: str, payload: str, deliveries: int) -> tuple[str, Raw]:
         message: Raw = loads(payload)
-        tag = _tag(row_id, deliveries + 1)
+        tag = _tag(row_id, deliveries)
         properties = message["properties"]
         properties["delivery_tag"] = tag
-        properties.setdefault("delivery_info", {})["redelivered"] = deliveries > 0
+        properties.setdefault("delivery_info", {})["redelivered"] = deliveries > 1
         self._held[tag] = row_id
         return queue, message
 
@@ -270,10 +297,17 @@ class Channel(virtual.Channel):
                 changes["deliveries"] = F("deliveries") - 1
             self._run(lambda: self._rows().filter(match).update(**changes))
         else:
-            ids = [row_id for row_id, _ in claims]
-            self._run(lambda: self._rows().filter(id__in=ids).delete())
+            self._run(lambda: self._delete_rows([row_id for row_id, _ in claims]))
         for tag in tags:
             self._held.pop(tag, None)
+
+    def _delete_rows(self, ids: list[int]) -> None:
+        # Plain SQL: QuerySet.delete() wraps the statement in a transaction of its own (and
+        # may collect first), doubling the cost of every ack.
+        table = self.db.ops.quote_name(self.model._meta.db_table)
+        marks = ", ".join(["%s"] * len(ids))
+        with self.db.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
 
     def _renew_leases(self) -> None:
         """Every third of the lease, push forward the leases of all rows still held."""
@@ -292,11 +326,17 @@ class Channel(virtual.Channel):
             logger.warning("django:// broker could not renew %d lease(s): %s", len(ids), exc)
 
     def _give_back_buffer(self, queue: str | None = None) -> None:
-        dropped = [msg for name, msg in self._buffer if queue is None or name == queue]
-        self._buffer = deque(item for item in self._buffer if queue not in (None, item[0]))
+        """Release the messages claimed but not yet delivered (of `queue`, or all)."""
+        kept: deque[tuple[str, Raw]] = deque()
+        dropped: list[str] = []
+        for name, message in self._buffer:
+            if queue is None or name == queue:
+                dropped.append(message["properties"]["delivery_tag"])
+            else:
+                kept.append((name, message))
+        self._buffer = kept
         try:
-            self._settle([msg["properties"]["delivery_tag"] for msg in dropped],
-                         requeue=True, undelivered=True)
+            self._settle(dropped, requeue=True, undelivered=True)
         except DatabaseError as exc:
             logger.warning("Could not give back %d prefetched message(s): %s", len(dropped), exc)
 
@@ -374,8 +414,15 @@ class Transport(virtual.Transport):
     driver_type = "sql"
     driver_name = "django"
 
-    connection_errors = (*virtual.Transport.connection_errors, OperationalError, InterfaceError)
-    channel_errors = (*virtual.Transport.channel_errors, DatabaseError)
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        # The database settings say where the broker is; there is no host to default to.
+        return {}
+
+    # kombu annotates these as one-element tuples; any tuple of exception types is meant.
+    connection_errors = (  # type: ignore[assignment]
+        *virtual.Transport.connection_errors, OperationalError, InterfaceError)
+    channel_errors = (*virtual.Transport.channel_errors, DatabaseError)  # type: ignore[assignment]
     recoverable_connection_errors = connection_errors
     recoverable_channel_errors = ()
 

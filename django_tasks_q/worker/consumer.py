@@ -19,7 +19,7 @@ from kombu import Consumer as KombuConsumer
 from kombu.asynchronous import Hub
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from .. import broker, client, conf, execute, message, registry, results
+from .. import broker, client, conf, execute, message, registry
 from ..exceptions import TaskNotRegistered, WorkerLostError
 from ..models import TaskResult, TaskState
 from .pool import LOST, Job, Pool
@@ -121,6 +121,10 @@ class Consumer:
                 if not self.pool.active():
                     return
             next(loop)
+        # Cold shutdown: hand back what is still running while the connection is open.
+        self._begin_shutdown()
+        for job in self.pool.active():
+            self._settle(job, lambda m: m.reject(requeue=True))
 
     def _poll(self) -> None:
         # Transports without an event-loop integration (django://, memory://) are polled.
@@ -149,11 +153,6 @@ class Consumer:
             job.stale = True
         self.buffer.clear()
         self.delayed.clear()
-
-    def give_back_running(self) -> None:
-        """Cold shutdown: requeue what is still running (it is run again: at-least-once)."""
-        for job in self.pool.active():
-            self._settle(job, lambda m: m.reject(requeue=True))
 
     # -- messages ----------------------------------------------------------------------------
     def on_message(self, raw: Any) -> None:
@@ -265,7 +264,7 @@ class Consumer:
             return
         exc = WorkerLostError(f"{outcome.error}; the task was delivered more than once and "
                               f"killed its process each time")
-        results.store(job.msg, TaskState.FAILURE, result=results.exception_info(exc),
+        execute.store(job.msg, TaskState.FAILURE, result=execute.exception_info(exc),
                       worker=self.hostname)
         self._settle(job, lambda m: m.ack())
 

@@ -85,7 +85,6 @@ class Worker:
             self.consumer.run(wake_r, lambda: _drain(wake_r))
         finally:
             if self.consumer.cold:
-                self.consumer.give_back_running()
                 self.pool.kill()
             else:
                 self.pool.stop()
