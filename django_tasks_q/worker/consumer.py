@@ -112,7 +112,6 @@ class Consumer:
         if self.on_ready is not None:
             self.on_ready()
             self.on_ready = None
-        hub.call_repeatedly(1.0, self._release_due)
         hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
         loop = hub.create_loop()
         while not self.cold:
@@ -169,10 +168,12 @@ class Consumer:
             self._settle(Job(None, raw), lambda m: m.reject(requeue=False))  # type: ignore[arg-type]
             return
         job = Job(msg, raw)
-        if msg.eta is not None and msg.eta.timestamp() > time.time():
-            heapq.heappush(self.delayed, (msg.eta.timestamp(), next(self._seq), job))
+        due = msg.eta.timestamp() if msg.eta is not None else 0.0
+        if due > time.time():
+            heapq.heappush(self.delayed, (due, next(self._seq), job))
             # A held message must not use up a prefetch slot, or held ones could starve the pool.
             self._set_prefetch()
+            self.hub.call_later(due - time.time(), self._release_due)
             return
         self.buffer.append(job)
         self._dispatch()
