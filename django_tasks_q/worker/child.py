@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import multiprocessing
 import os
 import pickle
 import signal
@@ -48,6 +49,7 @@ def drop_inherited_db_connections() -> None:
 def main(pipe: Connection, hostname: str, max_tasks: int | None) -> int:
     """Child loop: until the parent closes the pipe (or ``max_tasks`` jobs are done)."""
     _die_with_parent()
+    multiprocessing.current_process().name = f"PoolWorker-{os.getpid()}"  # for log lines
     # The parent decides when to stop; a terminal's Ctrl-C must not kill a running task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
