@@ -48,6 +48,7 @@ class Consumer:
         self.connection: Any = None
         self.on_ready: Callable[[], None] | None = None
         self._polled = False
+        self._unreachable = False
         self.revoked: set[str] = set()
         self._revoked_since: datetime | None = None
         pool.on_done = self.on_done
@@ -57,7 +58,7 @@ class Consumer:
             on_wakeup: Callable[[], None] | None = None) -> None:
         """Consume until a warm shutdown has drained the pool, or a cold one is asked for."""
         attempt = 0
-        while not self.cold:
+        while not (self.cold or self.stopping):
             conn = broker.connection()
             try:
                 conn.ensure_connection(errback=self._connect_failed, max_retries=None,
@@ -66,8 +67,9 @@ class Consumer:
                                        callback=self._check_cold)
             except _ColdStop:
                 return
-            if attempt:
+            if attempt or self._unreachable:
                 logger.warning("Reconnected to %s", broker.safe_url())
+            self._unreachable = False
             attempt += 1
             try:
                 self._consume(conn, wakeup_fd, on_wakeup)
@@ -75,6 +77,7 @@ class Consumer:
             except conn.connection_errors + conn.channel_errors as exc:
                 logger.warning("Lost the connection to %s (%s: %s); reconnecting",
                                broker.safe_url(), type(exc).__name__, exc)
+                self._unreachable = True  # announced: the retries stay quiet
                 self._forget_unacked()
             finally:
                 if self.hub is not None:
@@ -84,11 +87,15 @@ class Consumer:
                     conn.release()
 
     def _connect_failed(self, exc: Exception, interval: float) -> None:
-        logger.warning("Cannot reach %s (%s); retrying in %.1fs", broker.safe_url(),
-                       type(exc).__name__, interval)
+        # One line per outage; the retries in between are only of interest when debugging.
+        level = logging.DEBUG if self._unreachable else logging.WARNING
+        logger.log(level, "Cannot reach %s (%s: %s); retrying until it is back",
+                   broker.safe_url(), type(exc).__name__, exc)
+        self._unreachable = True
 
     def _check_cold(self) -> None:
-        if self.cold:
+        # Called between connection attempts: any shutdown request ends the waiting.
+        if self.cold or self.stopping:
             raise _ColdStop
 
     def _consume(self, conn: Any, wakeup_fd: int | None,

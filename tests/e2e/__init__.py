@@ -1,0 +1,1 @@
+"""End-to-end tests: real ``taskworker`` processes on real brokers and databases."""

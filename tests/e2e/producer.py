@@ -1,0 +1,167 @@
+"""End-to-end tests: the producer side, a long-lived helper process run with the worker's settings.
+
+It reads one JSON command per line on stdin and answers one JSON line on stdout, so a test can
+publish tasks, inspect queues and read ``TaskResult`` rows through the library and the ORM,
+on the same database and broker as the workers, without paying Django's start-up per call.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import sys
+import traceback
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot answer with a {type(value).__name__}")
+
+
+class Producer:
+    """The commands a test can send."""
+
+    def __init__(self) -> None:
+        from django_tasks_q import broker
+
+        self.connection = broker.connection()
+        self.channel = self.connection.default_channel
+
+    def _reopen(self) -> None:
+        from django_tasks_q import broker
+
+        with contextlib.suppress(Exception):  # the old connection is broken anyway
+            self.connection.release()
+        self.connection = broker.connection()
+        self.channel = self.connection.default_channel
+
+    def op_send(self, name: str, args: list[Any] | None = None,
+                kwargs: dict[str, Any] | None = None, queue: str = "default",
+                task_id: str | None = None, retries: int = 0) -> str:
+        """Publish a task message through the library's client."""
+        from django_tasks_q import client, message
+
+        msg = message.TaskMessage(id=task_id or message.new_id(), name=name,
+                                  args=list(args or []), kwargs=dict(kwargs or {}),
+                                  retries=retries, queue=queue)
+        client.publish(msg)
+        return msg.id
+
+    def op_send_task(self, name: str, args: list[Any], kwargs: dict[str, Any], queue: str) -> str:
+        """Send a task by name through the public ``django_tasks_q.send_task``."""
+        from django_tasks_q import send_task
+
+        return send_task(name, args, kwargs, queue=queue).id
+
+    def op_apply_async(self, name: str, args: list[Any], queue: str) -> str:
+        """Send a registered task the way application code does: ``Task.apply_async``."""
+        from django_tasks_q import registry
+
+        return registry.get(name).apply_async(args=args, queue=queue).id
+
+    def op_raw(self, queue: str, body_b64: str, content_type: str, content_encoding: str,
+               headers: dict[str, Any], correlation_id: str) -> None:
+        """Publish arbitrary bytes, bypassing the library's encoder (poison messages)."""
+        from kombu import Producer as KombuProducer
+
+        from django_tasks_q import broker
+
+        producer = KombuProducer(self.channel, auto_declare=False)
+        producer.publish(base64.b64decode(body_b64), exchange=queue, routing_key=queue,
+                         content_type=content_type, content_encoding=content_encoding,
+                         headers=headers, correlation_id=correlation_id, delivery_mode=2,
+                         declare=[broker.queue(queue)])
+
+    def op_count(self, queue: str) -> int:
+        """Messages of ``queue`` held by the broker (for django://, in flight ones too)."""
+        from django_tasks_q import broker
+
+        if self.connection.transport_cls == "django":
+            from django_tasks_q.models import QueueMessage
+
+            return QueueMessage.objects.filter(queue=queue).count()
+        _, count, _ = broker.queue(queue).bind(self.channel).queue_declare()
+        return int(count)
+
+    def op_delete_queue(self, queue: str) -> None:
+        """Remove ``queue``, whatever it still holds, and its exchange."""
+        from django_tasks_q import broker
+
+        bound = broker.queue(queue).bind(self.channel)
+        bound.declare()  # deleting what was never declared is an error on RabbitMQ
+        bound.purge()
+        bound.delete()
+        bound.exchange.delete()
+
+    def op_results(self, task_ids: list[str] | None = None,
+                   task_name: str | None = None) -> list[dict[str, Any]]:
+        """``TaskResult`` rows, all columns."""
+        from django_tasks_q.models import TaskResult
+
+        rows = TaskResult.objects.all()
+        if task_ids is not None:
+            rows = rows.filter(task_id__in=task_ids)
+        if task_name is not None:
+            rows = rows.filter(task_name=task_name)
+        return list(rows.order_by("id").values())
+
+    def op_create_order(self, email: str) -> int:
+        """A new ``Order`` for the shop's tasks; returns its primary key."""
+        from testproject.testapp.models import Order
+
+        return int(Order.objects.create(customer_email=email).pk)
+
+    def op_order(self, pk: int) -> dict[str, Any]:
+        """One ``Order`` row."""
+        from testproject.testapp.models import Order
+
+        return dict(Order.objects.filter(pk=pk).values().get())
+
+    def op_reconnect(self) -> None:
+        """Drop every broker and database connection (after a broker restart)."""
+        from django.db import connections
+
+        from django_tasks_q import broker
+
+        broker.publisher().close()
+        self._reopen()
+        connections.close_all()
+
+
+def main() -> int:
+    """Serve commands until stdin closes."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+    import django
+
+    django.setup()
+    from django.db import close_old_connections
+
+    producer = Producer()
+    out = sys.stdout
+    out.write(json.dumps({"ok": True, "result": "ready"}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = getattr(producer, "op_" + command.pop("op"))
+        try:
+            answer = {"ok": True, "result": op(**command)}
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which raises it
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                      "traceback": traceback.format_exc()}
+        finally:
+            close_old_connections()
+        out.write(json.dumps(answer, default=_plain) + "\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
