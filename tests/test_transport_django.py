@@ -310,7 +310,8 @@ def test_sqlite_lock_never_crashes_the_consumer(
 
 
 @needs_postgres
-@pytest.mark.broker  # runs in the integration pass on PostgreSQL
+@pytest.mark.broker
+@pytest.mark.postgres  # runs in the integration pass on PostgreSQL
 def test_claims_skip_rows_locked_by_another_consumer(connect: Connect, qname: str) -> None:
     queue = connect().SimpleQueue(qname)
     queue.put("first")
@@ -345,7 +346,8 @@ def test_claims_skip_rows_locked_by_another_consumer(connect: Connect, qname: st
 
 
 @needs_postgres
-@pytest.mark.broker  # runs in the integration pass on PostgreSQL
+@pytest.mark.broker
+@pytest.mark.postgres  # runs in the integration pass on PostgreSQL
 def test_two_consumer_threads_never_receive_the_same_message(qname: str) -> None:
     total = 300
     with Connection("django://") as conn:
@@ -375,7 +377,8 @@ def test_two_consumer_threads_never_receive_the_same_message(qname: str) -> None
 
 
 @needs_postgres
-@pytest.mark.broker  # runs in the integration pass on PostgreSQL
+@pytest.mark.broker
+@pytest.mark.postgres  # runs in the integration pass on PostgreSQL
 def test_recovers_when_the_database_drops_the_connection(connect: Connect, qname: str) -> None:
     queue = connect().SimpleQueue(qname)
 
