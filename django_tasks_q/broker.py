@@ -20,6 +20,9 @@ PUBLISH_RETRY_POLICY = {"max_retries": 4, "interval_start": 0.2, "interval_step"
                         "interval_max": 1.0}
 
 
+REDIS_VISIBILITY_TIMEOUT = 300
+
+
 def queue(name: str) -> Queue:
     """The durable queue ``name``, bound to a direct exchange of the same name (Celery's layout)."""
     return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
@@ -30,8 +33,15 @@ def connection(url: str | None = None, options: dict[str, Any] | None = None) ->
     cfg = conf.get()
     url = url or cfg.BROKER_URL
     transport_options = dict(cfg.BROKER_OPTIONS if options is None else options)
-    if url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp"):
+    scheme = url.split("://", 1)[0]
+    if scheme in ("amqp", "amqps", "pyamqp"):
         transport_options.setdefault("confirm_publish", True)
+    elif scheme in ("redis", "rediss"):
+        # Workers keep the messages they hold alive (worker/consumer.py), so a short timeout
+        # only shortens how long a dead worker's messages wait before they are delivered again.
+        transport_options.setdefault("visibility_timeout", REDIS_VISIBILITY_TIMEOUT)
+        transport_options.setdefault("unacked_restore_interval", 5)
+        transport_options.setdefault("unacked_restore_throttle", 2)
     return Connection(url, transport_options=transport_options)
 
 

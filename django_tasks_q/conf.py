@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "EAGER": False,
     "ENQUEUE_ON_COMMIT": True,
     "ACKS_LATE": True,
+    "MAX_DELIVERIES": 3,
     "TIME_LIMIT": None,
     "SOFT_TIME_LIMIT": None,
     "BEAT_SCHEDULE": {},
@@ -45,6 +46,7 @@ class Settings:
     EAGER: bool
     ENQUEUE_ON_COMMIT: bool
     ACKS_LATE: bool
+    MAX_DELIVERIES: int
     TIME_LIMIT: float | None
     SOFT_TIME_LIMIT: float | None
     BEAT_SCHEDULE: dict[str, Any]

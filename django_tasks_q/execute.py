@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import traceback as tb_module
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils import timezone
 
 from . import conf, registry, signals
-from .exceptions import Reject, Retry, TaskNotRegistered
+from .exceptions import Reject, Retry, SoftTimeLimitExceeded, TaskNotRegistered
 from .states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
@@ -137,19 +142,42 @@ def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
     signals.task_prerun.send(sender=task, task_id=msg.id, task=task, args=msg.args,
                              kwargs=msg.kwargs)
     try:
-        return _invoke(task, msg, hostname, started)
+        return _invoke(task, msg, hostname, started, eager)
     finally:
         signals.task_postrun.send(sender=task, task_id=msg.id, task=task, args=msg.args,
                                   kwargs=msg.kwargs)
         _current.reset(token)
 
 
-def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str,
-            started: datetime) -> Outcome:
+@contextlib.contextmanager
+def soft_time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise ``SoftTimeLimitExceeded`` inside the block once ``seconds`` have passed.
+
+    Only where signals can be delivered to the running code: the main thread of a process.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise SoftTimeLimitExceeded(f"soft time limit ({seconds:g}s) exceeded")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: datetime,
+            eager: bool) -> Outcome:
     clock = datetime.now()
     try:
         try:
-            value = task(*msg.args, **msg.kwargs)
+            with soft_time_limit(None if eager else msg.soft_time_limit):
+                value = task(*msg.args, **msg.kwargs)
         except Retry:
             raise
         except Reject:

@@ -76,6 +76,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 TASKS_Q = {
     "BROKER_URL": env.str("TASKS_Q_BROKER_URL", default="django://"),
+    # JSON, e.g. TASKS_Q_BROKER_OPTIONS='{"visibility_timeout": 300}'
+    "BROKER_OPTIONS": env.json("TASKS_Q_BROKER_OPTIONS", default={}),
 }
 
 # Receipts are printed by the worker unless EMAIL_BACKEND says otherwise.

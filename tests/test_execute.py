@@ -182,3 +182,18 @@ def test_return_value_that_cannot_be_stored_is_a_clear_failure() -> None:
     outcome = execute.run(m)
     assert outcome.status == "FAILURE" and "cannot be stored as JSON" in outcome.error
     assert TaskResult.objects.get(task_id=m.id).status == "FAILURE"
+
+
+def test_soft_time_limit_interrupts_the_task_in_the_main_thread() -> None:
+    import time
+
+    from django_tasks_q.exceptions import SoftTimeLimitExceeded
+
+    start = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded, match=r"soft time limit \(0.2s\)"), \
+            execute.soft_time_limit(0.2):
+        time.sleep(5)
+    assert time.monotonic() - start < 2
+    with execute.soft_time_limit(0.2):
+        pass  # disarmed on the way out: nothing fires later
+    time.sleep(0.3)

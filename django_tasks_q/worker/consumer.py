@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -20,7 +21,7 @@ from kombu.asynchronous import Hub
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from .. import broker, client, conf, execute, message, registry
-from ..exceptions import TaskNotRegistered, WorkerLostError
+from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
 from ..models import TaskResult, TaskState
 from .pool import LOST, Job, Pool
 
@@ -28,13 +29,17 @@ logger = logging.getLogger("django_tasks_q.worker")
 
 RECONNECT_MAX_INTERVAL = 5.0
 REVOKED_REFRESH = 1.0  # seconds between reads of newly revoked ids
+DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
 
 
 class Consumer:
     """Owns the broker connection; feeds the pool with at most ``prefetch`` unacked messages."""
 
-    def __init__(self, queues: list[str], pool: Pool, hostname: str, prefetch: int) -> None:
+    def __init__(self, queues: list[str], pool: Pool, hostname: str, prefetch: int,
+                 time_limit: float | None = None, soft_time_limit: float | None = None) -> None:
         self.queues = queues
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
         self.pool = pool
         self.hostname = hostname
         self.prefetch = prefetch
@@ -52,6 +57,7 @@ class Consumer:
         self.revoked: set[str] = set()
         self._revoked_since: datetime | None = None
         pool.on_done = self.on_done
+        pool.on_slot = self._dispatch
 
     # -- connection life ---------------------------------------------------------------------
     def run(self, wakeup_fd: int | None = None,
@@ -120,6 +126,9 @@ class Consumer:
             self.on_ready()
             self.on_ready = None
         hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
+        timeout = conn.transport_options.get("visibility_timeout")
+        if conn.transport.driver_type == "redis" and timeout:
+            hub.call_repeatedly(max(1.0, float(timeout) / 4), self._keep_leases)
         loop = hub.create_loop()
         while not self.cold:
             if self.stopping:
@@ -131,6 +140,21 @@ class Consumer:
         self._begin_shutdown()
         for job in self.pool.active():
             self._settle(job, lambda m: m.reject(requeue=True))
+
+    def _held(self) -> list[Job]:
+        return [*self.buffer, *(entry[2] for entry in self.delayed), *self.pool.active()]
+
+    def _keep_leases(self) -> None:
+        # Redis gives an unacked message to another worker once its delivery time is older
+        # than the visibility timeout; moving that time forward for every message this worker
+        # still holds means only a dead worker's messages are delivered again.
+        if self.kombu is None:
+            return
+        tags = {str(job.message.delivery_tag): time.time() for job in self._held()
+                if not job.stale and not job.settled and job.message is not None}
+        if tags:
+            channel: Any = self.kombu.channel
+            channel.client.zadd(channel.unacked_index_key, tags, xx=True)
 
     def _poll(self) -> None:
         # Transports without an event-loop integration (django://, memory://) are polled.
@@ -224,6 +248,18 @@ class Consumer:
             return True
         return conf.get().ACKS_LATE if option is None else option
 
+    def _with_limits(self, msg: message.TaskMessage) -> message.TaskMessage | None:
+        # The task's own limits travel in the message; the worker's and the settings fill in
+        # (on a copy: a retry republishes the message as it came).
+        cfg = conf.get()
+        hard = msg.time_limit if msg.time_limit is not None else (
+            self.time_limit or cfg.TIME_LIMIT)
+        soft = msg.soft_time_limit if msg.soft_time_limit is not None else (
+            self.soft_time_limit or cfg.SOFT_TIME_LIMIT)
+        if (hard, soft) == (msg.time_limit, msg.soft_time_limit):
+            return None
+        return dataclasses.replace(msg, time_limit=hard, soft_time_limit=soft)
+
     def _dispatch(self) -> None:
         pool, buffer, revoked = self.pool, self.buffer, self.revoked
         while buffer and pool.free():
@@ -232,6 +268,7 @@ class Consumer:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
                 self._settle(job, lambda m: m.ack())
                 continue
+            job.run = self._with_limits(job.msg)
             if not self._acks_late(job.msg.name):
                 # At-most-once by request: acknowledged before it runs, never delivered again.
                 self._settle(job, lambda m: m.ack())
@@ -239,20 +276,16 @@ class Consumer:
 
     # -- outcomes ----------------------------------------------------------------------------
     def on_done(self, job: Job, outcome: execute.Outcome) -> None:
-        """A job finished: settle its message (ack, retry, requeue) and start the next one."""
+        """A job finished: start the next one, then settle its message (ack, retry, requeue)."""
         msg, status = job.msg, outcome.status
+        if not self.stopping:
+            # The free slot gets work before the broker round trips below, not after them.
+            self._dispatch()
         if status == TaskState.RETRY:
-            retry = message.TaskMessage(**{**msg.__dict__, "retries": msg.retries + 1,
-                                           "eta": datetime.fromisoformat(outcome.retry_eta)
-                                           if outcome.retry_eta else None})
-            try:
-                client.publish(retry)
-            except Exception:  # noqa: BLE001 - keep the original rather than lose the task
-                logger.exception("Could not publish the retry of %s[%s]; requeueing it",
-                                 msg.name, msg.id)
-                self._settle(job, lambda m: m.reject(requeue=True))
-            else:
-                self._settle(job, lambda m: m.ack())
+            headers = {k: v for k, v in msg.headers.items() if k != DELIVERIES_HEADER}
+            self._republish(job, dataclasses.replace(
+                msg, retries=msg.retries + 1, headers=headers,
+                eta=datetime.fromisoformat(outcome.retry_eta) if outcome.retry_eta else None))
         elif status == execute.REQUEUE:
             self._settle(job, lambda m: m.reject(requeue=True))
         elif status == LOST:
@@ -261,17 +294,38 @@ class Consumer:
             self._settle(job, lambda m: m.ack())
             if status == TaskState.SUCCESS and logger.isEnabledFor(logging.INFO):
                 logger.info("Task %s[%s] succeeded in %.3fs", msg.name, msg.id, outcome.runtime)
-        if not self.stopping:
-            self._dispatch()
-            if self._polled and not self.buffer and self.hub is not None:
-                self.hub.call_soon(self._poll)
+        if self._polled and not self.stopping and not self.buffer and self.hub is not None:
+            self.hub.call_soon(self._poll)
 
     def _on_lost(self, job: Job, outcome: execute.Outcome) -> None:
-        if not (job.message.delivery_info or {}).get("redelivered"):
-            self._settle(job, lambda m: m.reject(requeue=True))
+        if job.timed_out:
+            self._fail(job, TimeLimitExceeded(
+                f"hard time limit ({job.timed_out:g}s) exceeded; the pool child running "
+                f"it was killed and replaced"))
             return
-        exc = WorkerLostError(f"{outcome.error}; the task was delivered more than once and "
-                              f"killed its process each time")
+        deliveries = int(job.msg.headers.get(DELIVERIES_HEADER) or 1)
+        limit = conf.get().MAX_DELIVERIES
+        if deliveries >= limit:
+            self._fail(job, WorkerLostError(
+                f"{outcome.error}; the task's process died on each of its {deliveries} "
+                f"deliveries (MAX_DELIVERIES = {limit}), so it is not delivered again"))
+            return
+        # The count travels in the message itself, the same way on every broker.
+        self._republish(job, dataclasses.replace(
+            job.msg, headers={**job.msg.headers, DELIVERIES_HEADER: deliveries + 1}))
+
+    def _republish(self, job: Job, msg: message.TaskMessage) -> None:
+        """Publish ``msg`` in place of ``job``'s message, then ack; requeue if it fails."""
+        try:
+            client.publish(msg)
+        except Exception:  # noqa: BLE001 - keep the original rather than lose the task
+            logger.exception("Could not publish %s[%s] again; requeueing it", msg.name, msg.id)
+            self._settle(job, lambda m: m.reject(requeue=True))
+        else:
+            self._settle(job, lambda m: m.ack())
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        # The task could not report its own failure: the parent stores it, then acks.
         execute.store(job.msg, TaskState.FAILURE, result=execute.exception_info(exc),
                       worker=self.hostname)
         self._settle(job, lambda m: m.ack())

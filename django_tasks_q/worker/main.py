@@ -26,6 +26,8 @@ class WorkerOptions:
     hostname: str = ""
     prefetch_multiplier: int = 4
     max_tasks_per_child: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
 
 
 def default_hostname() -> str:
@@ -51,7 +53,9 @@ class Worker:
         self.pool = POOLS[options.pool](size, self.hostname, on_done=lambda j, o: None,
                                         max_tasks_per_child=options.max_tasks_per_child)
         self.consumer = Consumer(options.queues, self.pool, self.hostname,
-                                 prefetch=max(1, size * max(1, options.prefetch_multiplier)))
+                                 prefetch=max(1, size * max(1, options.prefetch_multiplier)),
+                                 time_limit=options.time_limit,
+                                 soft_time_limit=options.soft_time_limit)
         self.consumer.on_ready = self._ready
         self._signals = 0
 

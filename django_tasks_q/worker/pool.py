@@ -31,11 +31,14 @@ LOST = "LOST"  # the process running the job died
 class Job:
     """One received message on its way through the pool."""
 
-    msg: TaskMessage
+    msg: TaskMessage  # as received: what a retry or a redelivery republishes
     message: Any  # the kombu message; stays in the parent
+    run: TaskMessage | None = None  # what the pool runs: msg with the worker's limits filled in
     started: float = 0.0
     stale: bool = False  # its broker connection is gone: the broker redelivers it
     settled: bool = False  # acknowledged or rejected already
+    timed_out: float = 0.0  # the hard time limit it was killed for running past
+    limit_timer: Any = None
     pid: int | None = field(default=None)
 
 
@@ -50,6 +53,7 @@ class Pool:
         self.size = size
         self.hostname = hostname
         self.on_done = on_done
+        self.on_slot: Callable[[], None] = lambda: None  # a slot became free without an outcome
         self.max_tasks_per_child = max_tasks_per_child
         self.hub: Any = None
 
@@ -88,7 +92,7 @@ class SoloPool(Pool):
 
     def submit(self, job: Job) -> None:
         job.started = time.monotonic()
-        self.on_done(job, child.run_one(job.msg, self.hostname))
+        self.on_done(job, child.run_one(job.run or job.msg, self.hostname))
 
     def active(self) -> list[Job]:
         return []
@@ -107,7 +111,7 @@ class ThreadPool(Pool):
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            outcome = child.run_one(job.msg, self.hostname)
+            outcome = child.run_one(job.run or job.msg, self.hostname)
             self.hub.call_soon(self._finish, job, outcome)
         connections.close_all()
 
@@ -183,6 +187,8 @@ class PreforkPool(Pool):
             self._on_exit(kid)
             return
         job, kid.job = kid.job, None
+        if job is not None and job.limit_timer is not None:
+            job.limit_timer.cancel()
         kid.done += 1
         kid.retiring = self.max_tasks_per_child is not None and kid.done >= self.max_tasks_per_child
         if job is not None:
@@ -196,12 +202,14 @@ class PreforkPool(Pool):
         _, status = os.waitpid(kid.pid, 0)
         how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
                if os.WIFSIGNALED(status) else f"exit code {os.waitstatus_to_exitcode(status)}")
+        if not self._stopping:
+            self._spawn()  # first, so that the outcome below can hand the new child work
         if kid.job is not None:
             logger.error("Pool child %d died (%s) while running %s[%s]", kid.pid, how,
                          kid.job.msg.name, kid.job.msg.id)
             self.on_done(kid.job, execute.Outcome(LOST, error=f"pool child died ({how})"))
-        if not self._stopping:
-            self._spawn()
+        else:
+            self.on_slot()
 
     def free(self) -> int:
         return sum(1 for kid in self._children.values() if kid.job is None and not kid.retiring)
@@ -213,7 +221,19 @@ class PreforkPool(Pool):
         kid.job = job
         # If the child is gone, its pipe's EOF reports the job as lost.
         with contextlib.suppress(OSError):
-            kid.pipe.send_bytes(pickle.dumps(job.msg))
+            kid.pipe.send_bytes(pickle.dumps(job.run or job.msg))
+        limit = (job.run or job.msg).time_limit
+        if limit:
+            job.limit_timer = self.hub.call_later(limit, self._enforce_limit, kid, job, limit)
+
+    def _enforce_limit(self, kid: _Child, job: Job, limit: float) -> None:
+        if kid.job is not job:
+            return
+        logger.error("Task %s[%s] ran past its hard time limit (%gs): killing pool child %d",
+                     job.msg.name, job.msg.id, limit, kid.pid)
+        job.timed_out = limit
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(kid.pid, signal.SIGKILL)
 
     def active(self) -> list[Job]:
         return [kid.job for kid in self._children.values() if kid.job is not None]

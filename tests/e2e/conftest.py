@@ -223,13 +223,14 @@ class Project:
         self.queues = {self.queue}
         self.workers: list[Worker] = []
         self._producer: ProducerClient | None = None
+        self.extra_env: dict[str, str] = {}  # e.g. TASKS_Q_BROKER_OPTIONS for every process
 
     def __repr__(self) -> str:
         return f"<Project {self.broker} queue={self.queue}>"
 
     @property
     def env(self) -> dict[str, str]:
-        return base_env(self.database_url, self.broker_url)
+        return {**base_env(self.database_url, self.broker_url), **self.extra_env}
 
     def worker(self, *extra: str, concurrency: int = 2, pool: str = "prefork",
                queues: list[str] | None = None, ready: bool = True) -> Worker:

@@ -6,6 +6,8 @@ The recipient's address says what happens, so a test picks the behaviour per ord
 - ``slow-<seconds>@…``: the send takes that long (a long-running task);
 - ``down@…``: the mail server refuses the connection (``ConnectionRefusedError``, which
   ``send_receipt`` retries through ``autoretry_for=(ConnectionError,)``);
+- ``crash@…``: the process sending it dies at once (``SIGKILL``), as on a segfault or the
+  kernel's out-of-memory killer;
 - anything else: sent at once.
 
 Each send logs one line (``e2e-mail: …``) so the worker's log shows when a task started.
@@ -14,6 +16,8 @@ Each send logs one line (``e2e-mail: …``) so the worker's log shows when a tas
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +35,9 @@ class Backend(BaseEmailBackend):
         for email in email_messages:
             for address in email.recipients():
                 local = address.split("@", 1)[0]
+                if local == "crash":
+                    logger.warning("e2e-mail: crashing on %s", address)
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if local == "down":
                     logger.warning("e2e-mail: refusing %s", address)
                     raise ConnectionRefusedError(

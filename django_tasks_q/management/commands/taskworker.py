@@ -28,6 +28,12 @@ class Command(BaseCommand):
                             help="Messages reserved per pool slot (default 4).")
         parser.add_argument("--max-tasks-per-child", type=int, default=None,
                             help="Replace a pool child after this many tasks.")
+        parser.add_argument("--time-limit", type=float, default=None,
+                            help="Hard limit in seconds for tasks that set none (prefork: the "
+                                 "child is killed and replaced).")
+        parser.add_argument("--soft-time-limit", type=float, default=None,
+                            help="Soft limit in seconds for tasks that set none (raises "
+                                 "SoftTimeLimitExceeded inside the task).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         level = str(options["loglevel"]).upper()
@@ -42,7 +48,8 @@ class Command(BaseCommand):
                 queues=queues_from(options["queues"]), concurrency=options["concurrency"],
                 pool=options["pool"], hostname=options["hostname"],
                 prefetch_multiplier=options["prefetch_multiplier"],
-                max_tasks_per_child=options["max_tasks_per_child"]))
+                max_tasks_per_child=options["max_tasks_per_child"],
+                time_limit=options["time_limit"], soft_time_limit=options["soft_time_limit"]))
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         worker.run()
