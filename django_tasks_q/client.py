@@ -155,10 +155,19 @@ def publish(msg: message.TaskMessage, body: str | None = None) -> None:
         signals.after_task_publish.send(sender=msg.name, headers=headers, body=encoded,
                                         routing_key=msg.queue)
 
-    if conf.get().ENQUEUE_ON_COMMIT and transaction.get_connection().in_atomic_block:
+    cfg = conf.get()
+    if (cfg.ENQUEUE_ON_COMMIT and transaction.get_connection().in_atomic_block
+            and not _in_same_database(cfg)):
         transaction.on_commit(do_publish)
     else:
         do_publish()
+
+
+def _in_same_database(cfg: conf.Settings) -> bool:
+    # On django:// over the default database the message row is written inside the caller's
+    # transaction: it commits or rolls back with it, and no commit can happen without it.
+    return (cfg.BROKER_URL.startswith("django://")
+            and cfg.BROKER_OPTIONS.get("database", "default") == "default")
 
 
 def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,

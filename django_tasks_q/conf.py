@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "ENQUEUE_ON_COMMIT": True,
     "ACKS_LATE": True,
     "MAX_DELIVERIES": 3,
+    "SHUTDOWN_GRACE": 60.0,
     "TIME_LIMIT": None,
     "SOFT_TIME_LIMIT": None,
     "BEAT_SCHEDULE": {},
@@ -47,6 +48,7 @@ class Settings:
     ENQUEUE_ON_COMMIT: bool
     ACKS_LATE: bool
     MAX_DELIVERIES: int
+    SHUTDOWN_GRACE: float | None
     TIME_LIMIT: float | None
     SOFT_TIME_LIMIT: float | None
     BEAT_SCHEDULE: dict[str, Any]

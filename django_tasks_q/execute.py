@@ -101,6 +101,7 @@ class Outcome:
     retry_eta: str | None = None  # ISO time the retry is due, for RETRY
     runtime: float = 0.0
     error: str = ""  # "Type: message" for logs
+    retire: bool = False  # the pool child that ran it exits now (its memory limit was passed)
     # Only filled for inline (eager) runs, never sent between processes:
     value: Any = None
     exc: BaseException | None = None

@@ -8,7 +8,8 @@ from django.utils import timezone
 
 from .states import READY_STATES, TaskState
 
-__all__ = ["READY_STATES", "PeriodicTask", "QueueMessage", "TaskResult", "TaskState"]
+__all__ = ["READY_STATES", "ParkedMessage", "PeriodicTask", "QueueMessage", "TaskResult",
+           "TaskState"]
 
 
 class TaskResult(models.Model):
@@ -81,3 +82,27 @@ class QueueMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue}#{self.pk}"
+
+
+class ParkedMessage(models.Model):
+    """A task message waiting for its ``eta`` here rather than in a worker's memory."""
+
+    queue = models.CharField(max_length=200)
+    task_id = models.CharField(max_length=255)
+    retries = models.PositiveIntegerField(default=0)
+    due_at = models.DateTimeField(db_index=True)
+    headers = models.JSONField()
+    body = models.TextField(help_text="The message body as received: [args, kwargs, embed].")
+    priority = models.PositiveSmallIntegerField(null=True, blank=True)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        verbose_name = "parked message"
+        constraints = [
+            # A message redelivered before its ack (worker crash) is parked once, not twice.
+            models.UniqueConstraint(fields=["task_id", "retries"], name="dtq_parked_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} due {self.due_at:%Y-%m-%d %H:%M:%S}"

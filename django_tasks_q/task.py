@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
@@ -24,6 +25,19 @@ OPTIONS = frozenset({
 APPLY_OPTIONS = frozenset({
     "args", "kwargs", "countdown", "eta", "expires", "queue", "priority", "task_id", "headers",
 })
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_FORMAT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
+
+
+def parse_rate(rate: str) -> float:
+    """Tasks per second from ``"10/s"``, ``"100/m"`` or ``"1000/h"``."""
+    found = _FORMAT.match(str(rate))
+    if not found:
+        raise ImproperlyConfigured(f"rate_limit {rate!r} is not of the form '10/s', '100/m' "
+                                   f"or '1000/h'")
+    return float(found.group(1)) / _UNITS[found.group(2)]
 
 
 class Task(Generic[P, R]):
@@ -59,6 +73,8 @@ class Task(Generic[P, R]):
         if self.results not in (None, "errors", "all", "none"):
             raise ImproperlyConfigured(f"Task {self.name}: results={self.results!r} must be "
                                        f"'errors', 'all' or 'none'")
+        if self.rate_limit:
+            parse_rate(self.rate_limit)  # a typo fails here, not in a worker
         if not isinstance(self.autoretry_for, tuple):
             self.autoretry_for = tuple(self.autoretry_for)
         self.__doc__ = run.__doc__

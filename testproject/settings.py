@@ -78,6 +78,8 @@ TASKS_Q = {
     "BROKER_URL": env.str("TASKS_Q_BROKER_URL", default="django://"),
     # JSON, e.g. TASKS_Q_BROKER_OPTIONS='{"visibility_timeout": 300}'
     "BROKER_OPTIONS": env.json("TASKS_Q_BROKER_OPTIONS", default={}),
+    # Any other TASKS_Q key, as JSON, e.g. TASKS_Q_EXTRA='{"RESULTS": "all"}'
+    **env.json("TASKS_Q_EXTRA", default={}),
 }
 
 # Receipts are printed by the worker unless EMAIL_BACKEND says otherwise.

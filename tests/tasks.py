@@ -65,3 +65,8 @@ def echo(kind: str) -> object:
     from decimal import Decimal
 
     return {1, 2} if kind == "set" else Decimal(kind)
+
+
+@task(rate_limit="2/s")
+def limited() -> None:
+    return None

@@ -144,3 +144,20 @@ def test_body_is_plain_json() -> None:
 def test_no_row_is_written_when_enqueueing(db: None) -> None:
     tasks.multiply.delay(1, 2)
     assert TaskResult.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_django_broker_the_message_is_part_of_the_transaction(settings: pytest.FixtureRequest
+                                                                 ) -> None:
+    from django_tasks_q.models import QueueMessage
+
+    settings.TASKS_Q = {"BROKER_URL": "django://"}
+    with pytest.raises(RuntimeError), transaction.atomic():
+        tasks.multiply.delay(1, 2)
+        assert QueueMessage.objects.count() == 1  # written in the transaction, not after it
+        raise RuntimeError("rollback")
+    assert QueueMessage.objects.count() == 0
+    with transaction.atomic():
+        r = tasks.multiply.delay(3, 4)
+    [row] = QueueMessage.objects.all()
+    assert r.id in row.payload

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kombu import Connection, Producer
 
-from django_tasks_q import AsyncResult, broker
+from django_tasks_q import AsyncResult, broker, message
 from django_tasks_q.execute import Outcome
 from django_tasks_q.models import TaskResult
 from django_tasks_q.worker.consumer import Consumer
@@ -145,3 +145,56 @@ def test_acks_late_false_acknowledges_before_running(settings: Any) -> None:
         POOLS["solo"].submit = original  # type: ignore[method-assign]
     assert acked_at_start == [True, False]
     assert queue_size() == 0
+
+
+def test_rate_limit_spaces_out_starts() -> None:
+    import time
+
+    for _ in range(4):
+        tasks.limited.delay()
+    start = time.monotonic()
+    assert run_until("solo", 4) == [("tests.tasks.limited", "SUCCESS")] * 4
+    assert 0.9 <= time.monotonic() - start < 4  # two at once (the burst), then one per 0.5 s
+    assert queue_size() == 0
+
+
+def test_bad_rate_limit_is_refused_when_the_task_is_defined() -> None:
+    from django_tasks_q import task
+    from django_tasks_q.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match=r"'10 per second' is not of the form"):
+        task(rate_limit="10 per second")(lambda: None)
+
+
+def test_a_task_due_much_later_is_parked_in_the_database_then_released() -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from django_tasks_q.models import ParkedMessage
+
+    later = tasks.multiply.apply_async(args=(6, 7), countdown=3600)
+    tasks.multiply.delay(1, 1)
+    assert run_until("solo", 1) == [("tests.tasks.multiply", "SUCCESS")]
+    [parked] = ParkedMessage.objects.all()
+    assert parked.task_id == later.id and queue_size() == 0  # acked: nothing held anywhere
+    assert (parked.due_at - timezone.now()).total_seconds() > 3500
+
+    ParkedMessage.objects.update(due_at=timezone.now() - timedelta(seconds=1))
+    assert run_until("solo", 1) == [("tests.tasks.multiply", "SUCCESS")]
+    assert later.get(timeout=1) == 42
+    assert ParkedMessage.objects.count() == 0
+
+
+def test_parking_the_same_message_twice_keeps_one_row() -> None:
+    from django_tasks_q.models import ParkedMessage
+    from django_tasks_q.worker.parking import Parking
+
+    tasks.multiply.apply_async(args=(1, 2), countdown=3600)
+    with Connection("memory://") as conn:
+        raw = conn.SimpleQueue(broker.queue("default")).get(timeout=1)
+        msg = message.decode(raw.headers, raw.decode(), queue="default")
+    parking = Parking("t")
+    parking.park(msg)
+    parking.park(msg)  # redelivered after a crash between park and ack
+    assert ParkedMessage.objects.count() == 1

@@ -309,7 +309,7 @@ class Channel(virtual.Channel):
         with self.db.cursor() as cursor:
             cursor.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
 
-    def _renew_leases(self) -> None:
+    def renew_leases(self) -> None:
         """Every third of the lease, push forward the leases of all rows still held."""
         now = time.monotonic()
         if now < self._renew_at:
@@ -343,7 +343,7 @@ class Channel(virtual.Channel):
     def drain_events(self, timeout: float | None = None,
                      callback: Callable[[Raw, str], Any] | None = None) -> None:
         """Hand one message to the consumers, claiming a batch when none is waiting."""
-        self._renew_leases()
+        self.renew_leases()
         if not self._consumers or not self.qos.can_consume():
             raise Empty()
         if not self._buffer:
@@ -367,7 +367,7 @@ class Channel(virtual.Channel):
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         """Claim one message of `queue`, or return None when it has none ready."""
-        self._renew_leases()
+        self.renew_leases()
         try:
             raw = self._get(queue)
         except Empty:

@@ -46,8 +46,16 @@ def drop_inherited_db_connections() -> None:
         conn.connection = None
 
 
-def main(pipe: Connection, hostname: str, max_tasks: int | None) -> int:
-    """Child loop: until the parent closes the pipe (or ``max_tasks`` jobs are done)."""
+def resident_kib() -> int:
+    """This process's resident memory now, in KiB (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def main(pipe: Connection, hostname: str, max_tasks: int | None,
+         max_memory: int | None = None) -> int:
+    """Child loop: until the parent closes the pipe, ``max_tasks`` jobs are done, or the
+    child's memory passes ``max_memory`` KiB after a job."""
     _die_with_parent()
     multiprocessing.current_process().name = f"PoolWorker-{os.getpid()}"  # for log lines
     # The parent decides when to stop; a terminal's Ctrl-C must not kill a running task.
@@ -62,8 +70,15 @@ def main(pipe: Connection, hostname: str, max_tasks: int | None) -> int:
             msg: TaskMessage = pickle.loads(pipe.recv_bytes())
         except (EOFError, OSError):
             break
-        pipe.send_bytes(pickle.dumps(run_one(msg, hostname)))
+        outcome = run_one(msg, hostname)
         done += 1
+        if max_memory is not None and (used := resident_kib()) > max_memory:
+            logger.warning("Pool child %d uses %d KiB, over --max-memory-per-child %d KiB: "
+                           "it is replaced", os.getpid(), used, max_memory)
+            outcome.retire = True
+        pipe.send_bytes(pickle.dumps(outcome))
+        if outcome.retire:
+            break
     return 0
 
 

@@ -20,15 +20,19 @@ from kombu import Consumer as KombuConsumer
 from kombu.asynchronous import Hub
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from .. import broker, client, conf, execute, message, registry
+from .. import broker, client, conf, execute, message, registry, signals
 from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
 from ..models import TaskResult, TaskState
+from .parking import PARK_AFTER, Parking
 from .pool import LOST, Job, Pool
+from .ratelimit import RateLimits
 
 logger = logging.getLogger("django_tasks_q.worker")
 
 RECONNECT_MAX_INTERVAL = 5.0
 REVOKED_REFRESH = 1.0  # seconds between reads of newly revoked ids
+RELEASE_INTERVAL = 1.0  # seconds between looks for parked messages that are due
+REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be stored goes back
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
 
 
@@ -48,13 +52,17 @@ class Consumer:
         self._seq = itertools.count()
         self.stopping = False  # warm shutdown: take nothing new
         self.cold = False
+        self.stop_deadline: float | None = None  # monotonic time the warm shutdown turns cold
         self.hub: Any = None
         self.kombu: KombuConsumer | None = None
         self.connection: Any = None
         self.on_ready: Callable[[], None] | None = None
         self._polled = False
+        self._channel: Any = None  # the consuming channel, kept through a warm shutdown
         self._unreachable = False
         self.revoked: set[str] = set()
+        self.rate_limits = RateLimits()
+        self.parking = Parking(hostname)
         self._revoked_since: datetime | None = None
         pool.on_done = self.on_done
         pool.on_slot = self._dispatch
@@ -126,15 +134,25 @@ class Consumer:
             self.on_ready()
             self.on_ready = None
         hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
+        hub.call_repeatedly(RELEASE_INTERVAL, self._release_parked)
+        self._channel = self.kombu.channel
         timeout = conn.transport_options.get("visibility_timeout")
         if conn.transport.driver_type == "redis" and timeout:
             hub.call_repeatedly(max(1.0, float(timeout) / 4), self._keep_leases)
+        elif hasattr(self._channel, "renew_leases"):
+            # django:// renews while it polls; this keeps it up when polls stop (shutdown).
+            hub.call_repeatedly(1.0, self._channel.renew_leases)
         loop = hub.create_loop()
         while not self.cold:
             if self.stopping:
                 self._begin_shutdown()
                 if not self.pool.active():
                     return
+                if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
+                    logger.warning("Shutdown grace period is over: giving %d running task(s) "
+                                   "back to the broker", len(self.pool.active()))
+                    self.cold = True
+                    break
             next(loop)
         # Cold shutdown: hand back what is still running while the connection is open.
         self._begin_shutdown()
@@ -148,13 +166,10 @@ class Consumer:
         # Redis gives an unacked message to another worker once its delivery time is older
         # than the visibility timeout; moving that time forward for every message this worker
         # still holds means only a dead worker's messages are delivered again.
-        if self.kombu is None:
-            return
         tags = {str(job.message.delivery_tag): time.time() for job in self._held()
                 if not job.stale and not job.settled and job.message is not None}
         if tags:
-            channel: Any = self.kombu.channel
-            channel.client.zadd(channel.unacked_index_key, tags, xx=True)
+            self._channel.client.zadd(self._channel.unacked_index_key, tags, xx=True)
 
     def _poll(self) -> None:
         # Transports without an event-loop integration (django://, memory://) are polled.
@@ -201,13 +216,44 @@ class Consumer:
         job = Job(msg, raw)
         due = msg.eta.timestamp() if msg.eta is not None else 0.0
         if due > time.time():
-            heapq.heappush(self.delayed, (due, next(self._seq), job))
-            # A held message must not use up a prefetch slot, or held ones could starve the pool.
-            self._set_prefetch()
-            self.hub.call_later(due - time.time(), self._release_due)
+            if due - time.time() > PARK_AFTER and self._park(job):
+                return
+            self._hold(job, due)
             return
         self.buffer.append(job)
         self._dispatch()
+
+    def _park(self, job: Job) -> bool:
+        """Move a message due much later into the database; False: keep it in memory."""
+        try:
+            self.parking.park(job.msg)
+        except DatabaseError as exc:
+            logger.warning("Could not park %s[%s] until its eta (%s); holding it instead",
+                           job.msg.name, job.msg.id, exc)
+            db_connection.close()
+            return False
+        self._settle(job, lambda m: m.ack())
+        return True
+
+    def _release_parked(self) -> None:
+        try:
+            released = self.parking.release_due()
+        except DatabaseError as exc:
+            logger.warning("Could not release parked tasks: %s", exc)
+            db_connection.close()
+            return
+        except Exception:  # noqa: BLE001 - the broker: the claims run out, they go next time
+            logger.exception("Could not publish parked tasks")
+            return
+        if released:
+            logger.info("Released %d parked task(s) that are due", released)
+
+    def _hold(self, job: Job, due: float) -> None:
+        """Keep ``job`` (unacknowledged) until ``due`` (a ``time.time()``), then dispatch it."""
+        heapq.heappush(self.delayed, (due, next(self._seq), job))
+        # A held message must not use up a prefetch slot, or held ones could starve the pool.
+        self._set_prefetch()
+        self.hub.call_later(max(0.0, due - time.time()), self._release_due)
 
     def _set_prefetch(self) -> None:
         if self.kombu is not None:
@@ -230,15 +276,21 @@ class Consumer:
         now = timezone.now()
         since = self._revoked_since or now - conf.get().RESULT_EXPIRES
         try:
-            ids = TaskResult.objects.filter(status=TaskState.REVOKED, date_done__gte=since
-                                            ).values_list("task_id", flat=True)[:100_000]
-            self.revoked.update(ids)
+            rows = list(TaskResult.objects.filter(status=TaskState.REVOKED, date_done__gte=since
+                                                  ).values_list("task_id", "result")[:100_000])
         except DatabaseError as exc:
             logger.warning("Could not read revoked tasks: %s", exc)
             db_connection.close()  # reconnect next time
             return
+        self.revoked.update(task_id for task_id, _ in rows)
         # Overlap the windows: a row committed late with an earlier timestamp is still seen.
         self._revoked_since = now - timedelta(seconds=5)
+        stop = {task_id for task_id, result in rows
+                if isinstance(result, dict) and result.get("terminate")}
+        for job in self.pool.active():
+            if job.msg.id in stop and not job.revoked:
+                job.revoked = True
+                self.pool.terminate(job)
 
     @staticmethod
     def _acks_late(name: str) -> bool:
@@ -268,6 +320,10 @@ class Consumer:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
                 self._settle(job, lambda m: m.ack())
                 continue
+            wait = self.rate_limits.wait(job.msg.name)
+            if wait:
+                self._hold(job, time.time() + wait)
+                continue
             job.run = self._with_limits(job.msg)
             if not self._acks_late(job.msg.name):
                 # At-most-once by request: acknowledged before it runs, never delivered again.
@@ -287,7 +343,10 @@ class Consumer:
                 msg, retries=msg.retries + 1, headers=headers,
                 eta=datetime.fromisoformat(outcome.retry_eta) if outcome.retry_eta else None))
         elif status == execute.REQUEUE:
-            self._settle(job, lambda m: m.reject(requeue=True))
+            # Not at once: when the database is down, an instant requeue only spins; meanwhile
+            # the message stays unacknowledged, so nothing is lost.
+            self.hub.call_later(REQUEUE_DELAY, self._settle, job,
+                                lambda m: m.reject(requeue=True))
         elif status == LOST:
             self._on_lost(job, outcome)
         else:
@@ -298,6 +357,11 @@ class Consumer:
             self.hub.call_soon(self._poll)
 
     def _on_lost(self, job: Job, outcome: execute.Outcome) -> None:
+        if job.revoked:  # terminated on request: the REVOKED row is there already
+            signals.task_revoked.send(sender=None, request=job.msg, expired=False,
+                                      terminated=True)
+            self._settle(job, lambda m: m.ack())
+            return
         if job.timed_out:
             self._fail(job, TimeLimitExceeded(
                 f"hard time limit ({job.timed_out:g}s) exceeded; the pool child running "

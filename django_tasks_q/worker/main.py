@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from types import FrameType
 
@@ -26,6 +27,7 @@ class WorkerOptions:
     hostname: str = ""
     prefetch_multiplier: int = 4
     max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None  # KiB
     time_limit: float | None = None
     soft_time_limit: float | None = None
 
@@ -51,7 +53,8 @@ class Worker:
         self.hostname = options.hostname or default_hostname()
         size = 1 if options.pool == "solo" else options.concurrency
         self.pool = POOLS[options.pool](size, self.hostname, on_done=lambda j, o: None,
-                                        max_tasks_per_child=options.max_tasks_per_child)
+                                        max_tasks_per_child=options.max_tasks_per_child,
+                                        max_memory_per_child=options.max_memory_per_child)
         self.consumer = Consumer(options.queues, self.pool, self.hostname,
                                  prefetch=max(1, size * max(1, options.prefetch_multiplier)),
                                  time_limit=options.time_limit,
@@ -71,9 +74,13 @@ class Worker:
             logger.warning("Cold shutdown: running tasks are given back to the broker")
             self.consumer.stopping = self.consumer.cold = True
         else:
-            logger.warning("Warm shutdown (%s): finishing %d running task(s); "
+            grace = conf.get().SHUTDOWN_GRACE
+            logger.warning("Warm shutdown (%s): finishing %d running task(s)%s; "
                            "signal again for a cold shutdown", signal.Signals(signum).name,
-                           len(self.pool.active()))
+                           len(self.pool.active()),
+                           f" for up to {grace:g}s" if grace is not None else "")
+            if grace is not None:
+                self.consumer.stop_deadline = time.monotonic() + grace
             self.consumer.stopping = True
 
     def run(self) -> int:

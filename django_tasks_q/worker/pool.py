@@ -38,6 +38,7 @@ class Job:
     stale: bool = False  # its broker connection is gone: the broker redelivers it
     settled: bool = False  # acknowledged or rejected already
     timed_out: float = 0.0  # the hard time limit it was killed for running past
+    revoked: bool = False  # revoked with terminate=True while it ran
     limit_timer: Any = None
     pid: int | None = field(default=None)
 
@@ -49,12 +50,14 @@ class Pool:
     """What every pool offers the consumer."""
 
     def __init__(self, size: int, hostname: str, on_done: OnDone,
-                 max_tasks_per_child: int | None = None) -> None:
+                 max_tasks_per_child: int | None = None,
+                 max_memory_per_child: int | None = None) -> None:
         self.size = size
         self.hostname = hostname
         self.on_done = on_done
         self.on_slot: Callable[[], None] = lambda: None  # a slot became free without an outcome
         self.max_tasks_per_child = max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child
         self.hub: Any = None
 
     def start(self) -> None:
@@ -75,6 +78,12 @@ class Pool:
     def active(self) -> list[Job]:
         """Jobs started and not finished."""
         raise NotImplementedError
+
+    def terminate(self, job: Job) -> None:
+        """Stop a running job at once, where the pool can (prefork)."""
+        logger.warning("Task %s[%s] was revoked with terminate=True, but the %s pool cannot "
+                       "stop a running task; it runs to the end", job.msg.name, job.msg.id,
+                       type(self).__name__)
 
     def stop(self) -> None:
         """Let idle workers exit (running jobs are finished first by the caller)."""
@@ -164,7 +173,8 @@ class PreforkPool(Pool):
                 parent_end.close()
                 for sibling in self._children.values():
                     sibling.pipe.close()
-                code = child.main(child_end, self.hostname, self.max_tasks_per_child)
+                code = child.main(child_end, self.hostname, self.max_tasks_per_child,
+                                  self.max_memory_per_child)
             except BaseException:
                 logger.exception("Pool child crashed")
             finally:
@@ -190,7 +200,8 @@ class PreforkPool(Pool):
         if job is not None and job.limit_timer is not None:
             job.limit_timer.cancel()
         kid.done += 1
-        kid.retiring = self.max_tasks_per_child is not None and kid.done >= self.max_tasks_per_child
+        kid.retiring = outcome.retire or (self.max_tasks_per_child is not None
+                                          and kid.done >= self.max_tasks_per_child)
         if job is not None:
             self.on_done(job, outcome)
 
@@ -234,6 +245,14 @@ class PreforkPool(Pool):
         job.timed_out = limit
         with contextlib.suppress(ProcessLookupError):
             os.kill(kid.pid, signal.SIGKILL)
+
+    def terminate(self, job: Job) -> None:
+        for kid in self._children.values():
+            if kid.job is job:
+                logger.warning("Task %s[%s] was revoked with terminate=True: killing pool "
+                               "child %d", job.msg.name, job.msg.id, kid.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(kid.pid, signal.SIGKILL)
 
     def active(self) -> list[Job]:
         return [kid.job for kid in self._children.values() if kid.job is not None]

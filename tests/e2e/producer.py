@@ -55,6 +55,36 @@ class Producer:
         client.publish(msg)
         return msg.id
 
+    def op_send_many(self, name: str, count: int, countdown: float, queue: str) -> int:
+        """Send ``count`` messages of ``name`` (args ``[i, i]``) due in ``countdown`` seconds."""
+        from django_tasks_q import send_task
+
+        for i in range(count):
+            send_task(name, [i, i], queue=queue, countdown=countdown)
+        return count
+
+    def op_send_due(self, name: str, args: list[Any], seconds: float, queue: str) -> str:
+        """Send one task due in ``seconds``."""
+        from django_tasks_q import send_task
+
+        return send_task(name, args, queue=queue, countdown=seconds).id
+
+    def op_parked_count(self) -> int:
+        """How many messages are parked in the database."""
+        from django_tasks_q.models import ParkedMessage
+
+        return ParkedMessage.objects.count()
+
+    def op_make_due(self) -> None:
+        """Make every parked message due now (instead of waiting for it)."""
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        from django_tasks_q.models import ParkedMessage
+
+        ParkedMessage.objects.update(due_at=timezone.now() - timedelta(seconds=1))
+
     def op_send_task(self, name: str, args: list[Any], kwargs: dict[str, Any], queue: str) -> str:
         """Send a task by name through the public ``django_tasks_q.send_task``."""
         from django_tasks_q import send_task
@@ -79,6 +109,12 @@ class Producer:
                          content_type=content_type, content_encoding=content_encoding,
                          headers=headers, correlation_id=correlation_id, delivery_mode=2,
                          declare=[broker.queue(queue)])
+
+    def op_revoke(self, task_id: str, terminate: bool = False) -> None:
+        """``AsyncResult(task_id).revoke(terminate=...)``, as application code calls it."""
+        from django_tasks_q import AsyncResult
+
+        AsyncResult(task_id).revoke(terminate=terminate)
 
     def op_count(self, queue: str) -> int:
         """Messages of ``queue`` held by the broker (for django://, in flight ones too)."""

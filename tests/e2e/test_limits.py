@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import time
+
 import pytest
 
 from .conftest import Project
@@ -62,3 +66,51 @@ def test_a_task_that_kills_its_process_is_given_up_after_max_deliveries(
     assert worker.count(r"Pool child \d+ died \(signal SIGKILL\)") == 3
     assert rows[after]["result"] == 3  # the worker carried on with new children
     assert project.count() == 0
+
+
+def test_warm_shutdown_gives_running_tasks_back_after_the_grace_period(
+        project: Project) -> None:
+    project.extra_env["TASKS_Q_EXTRA"] = json.dumps({"SHUTDOWN_GRACE": 1})
+    worker = project.worker(concurrency=1)
+    slow = project.create_order("slow-8@example.com")
+    project.send(f"{TASKS}.send_receipt", slow)
+    worker.wait_log(r"e2e-mail: sending to slow-8@")
+
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(10) == 0
+    assert time.monotonic() - started < 6
+
+    warm = r"Warm shutdown \(SIGTERM\): finishing 1 running task\(s\) for up to 1s"
+    assert worker.count(warm) == 1
+    assert worker.count(r"grace period is over: giving 1 running task\(s\) back") == 1
+    assert worker.count(r"e2e-mail: sent to slow-8@") == 0
+    assert project.count() == 1  # back in the queue, for the next worker
+
+
+def test_revoke_with_terminate_stops_a_running_task(project: Project) -> None:
+    worker = project.worker(concurrency=1)
+    slow = project.create_order("slow-8@example.com")
+    slow_id = project.send(f"{TASKS}.send_receipt", slow)
+    worker.wait_log(r"e2e-mail: sending to slow-8@")
+
+    project.producer.call("revoke", task_id=slow_id, terminate=True)
+    worker.wait_log(rf"send_receipt\[{slow_id}\] was revoked with terminate=True: killing",
+                    timeout=5)
+    after = project.send(ADD, 2, 2)
+
+    assert project.wait_results([after], timeout=10)[after]["result"] == 4
+    [row] = project.results([slow_id])
+    assert row["status"] == "REVOKED" and row["result"]["terminate"] is True
+    assert worker.count(r"e2e-mail: sent to slow-8@") == 0
+    assert project.count() == 0  # acknowledged: not run again
+
+
+def test_max_memory_per_child_replaces_the_child_after_its_task(project: Project) -> None:
+    worker = project.worker("--max-memory-per-child", "1024", concurrency=1)  # 1 MiB: always
+    ids = [project.send(ADD, i, i) for i in range(3)]
+
+    rows = project.wait_results(ids, timeout=15)
+
+    assert sorted(r["result"] for r in rows.values()) == [0, 2, 4]
+    assert worker.count(r"over --max-memory-per-child 1024 KiB: it is replaced") == 3

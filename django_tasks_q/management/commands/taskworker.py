@@ -28,6 +28,9 @@ class Command(BaseCommand):
                             help="Messages reserved per pool slot (default 4).")
         parser.add_argument("--max-tasks-per-child", type=int, default=None,
                             help="Replace a pool child after this many tasks.")
+        parser.add_argument("--max-memory-per-child", type=int, default=None, metavar="KIB",
+                            help="Replace a pool child, after its current task, once its "
+                                 "resident memory passes this many KiB.")
         parser.add_argument("--time-limit", type=float, default=None,
                             help="Hard limit in seconds for tasks that set none (prefork: the "
                                  "child is killed and replaced).")
@@ -49,6 +52,7 @@ class Command(BaseCommand):
                 pool=options["pool"], hostname=options["hostname"],
                 prefetch_multiplier=options["prefetch_multiplier"],
                 max_tasks_per_child=options["max_tasks_per_child"],
+                max_memory_per_child=options["max_memory_per_child"],
                 time_limit=options["time_limit"], soft_time_limit=options["soft_time_limit"]))
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
