@@ -161,3 +161,19 @@ def test_on_django_broker_the_message_is_part_of_the_transaction(settings: pytes
         r = tasks.multiply.delay(3, 4)
     [row] = QueueMessage.objects.all()
     assert r.id in row.payload
+
+
+def test_enqueue_during_an_outage_retries_briefly_then_raises(settings: pytest.FixtureRequest
+                                                              ) -> None:
+    import time
+
+    from django_tasks_q.exceptions import EnqueueError
+
+    # Nothing listens on port 1: every connection attempt is refused at once.
+    settings.TASKS_Q = {"BROKER_URL": "redis://:s3cret@127.0.0.1:1/0"}
+    start = time.monotonic()
+    with pytest.raises(EnqueueError, match=r"Could not publish to redis://:\*\*@127.0.0.1:1/0"
+                       ) as caught:
+        tasks.multiply.delay(1, 2)
+    assert 1 < time.monotonic() - start < 15  # retried, but not for long
+    assert "s3cret" not in str(caught.value)
