@@ -32,6 +32,7 @@ logger = logging.getLogger("django_tasks_q.worker")
 RECONNECT_MAX_INTERVAL = 5.0
 REVOKED_REFRESH = 1.0  # seconds between reads of newly revoked ids
 RELEASE_INTERVAL = 1.0  # seconds between looks for parked messages that are due
+ACK, REQUEUE, DROP = "ack", "requeue", "drop"  # how a message is settled
 REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be stored goes back
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
 
@@ -59,6 +60,8 @@ class Consumer:
         self.on_ready: Callable[[], None] | None = None
         self._polled = False
         self._channel: Any = None  # the consuming channel, kept through a warm shutdown
+        self._connected = False
+        self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
         self._unreachable = False
         self.revoked: set[str] = set()
         self.rate_limits = RateLimits()
@@ -95,7 +98,10 @@ class Consumer:
                 self._forget_unacked()
             finally:
                 if self.hub is not None:
-                    self.hub.close()
+                    # Closing runs callbacks kombu still had queued; on a dead connection they
+                    # raise its errors, which only say what is known already.
+                    with contextlib.suppress(*conn.connection_errors, *conn.channel_errors):
+                        self.hub.close()
                     self.hub = None
                 with contextlib.suppress(Exception):
                     conn.release()
@@ -136,6 +142,8 @@ class Consumer:
         hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
         hub.call_repeatedly(RELEASE_INTERVAL, self._release_parked)
         self._channel = self.kombu.channel
+        self._connected = True
+        self._settle_orphans()
         timeout = conn.transport_options.get("visibility_timeout")
         if conn.transport.driver_type == "redis" and timeout:
             hub.call_repeatedly(max(1.0, float(timeout) / 4), self._keep_leases)
@@ -157,7 +165,7 @@ class Consumer:
         # Cold shutdown: hand back what is still running while the connection is open.
         self._begin_shutdown()
         for job in self.pool.active():
-            self._settle(job, lambda m: m.reject(requeue=True))
+            self._settle(job, REQUEUE)
 
     def _held(self) -> list[Job]:
         return [*self.buffer, *(entry[2] for entry in self.delayed), *self.pool.active()]
@@ -188,16 +196,42 @@ class Consumer:
             self.kombu = None
             # Received but not started: give them back now rather than at connection close.
             for job in list(self.buffer) + [entry[2] for entry in self.delayed]:
-                self._settle(job, lambda m: m.reject(requeue=True))
+                self._settle(job, REQUEUE)
             self.buffer.clear()
             self.delayed.clear()
 
     def _forget_unacked(self) -> None:
-        # Their delivery tags died with the connection: the broker redelivers them.
+        # Their channel died with the connection. RabbitMQ redelivers them by itself; on Redis
+        # and django:// they stay set aside until settled by tag from the next connection.
+        self._connected = False
         for job in self.pool.active():
             job.stale = True
+        for job in [*self.buffer, *(entry[2] for entry in self.delayed)]:
+            job.stale = True
+            self._settle(job, REQUEUE)
         self.buffer.clear()
         self.delayed.clear()
+
+    def _settle_orphans(self) -> None:
+        """Settle, through the current channel, messages received on a connection now gone."""
+        orphans, self._orphans = self._orphans, []
+        qos: Any = getattr(self._channel, "qos", None)
+        for job, how in orphans:
+            tag = job.message.delivery_tag
+            try:
+                if self.connection.transport.driver_type == "redis":
+                    if how == REQUEUE:
+                        qos.restore_by_tag(tag, leftmost=True)
+                    else:
+                        qos._remove_from_indices(tag).execute()
+                elif hasattr(self._channel, "renew_leases"):  # django:// tags name their row
+                    if how == REQUEUE:
+                        qos.reject(tag, requeue=True)
+                    else:
+                        qos.ack(tag)
+            except Exception as exc:  # noqa: BLE001 - it comes back after its timeout anyway
+                logger.warning("Could not settle message %s from the previous connection: %s",
+                               job.msg.id if job.msg else "?", exc)
 
     # -- messages ----------------------------------------------------------------------------
     def on_message(self, raw: Any) -> None:
@@ -211,7 +245,7 @@ class Consumer:
             mid = (raw.headers or {}).get("id") or (raw.properties or {}).get("correlation_id")
             logger.error("Dropped message %s from queue %s: %s (content type %s)", mid,
                          (raw.delivery_info or {}).get("routing_key"), exc, raw.content_type)
-            self._settle(Job(None, raw), lambda m: m.reject(requeue=False))  # type: ignore[arg-type]
+            self._settle(Job(None, raw), DROP)  # type: ignore[arg-type]
             return
         job = Job(msg, raw)
         due = msg.eta.timestamp() if msg.eta is not None else 0.0
@@ -232,7 +266,7 @@ class Consumer:
                            job.msg.name, job.msg.id, exc)
             db_connection.close()
             return False
-        self._settle(job, lambda m: m.ack())
+        self._settle(job, ACK)
         return True
 
     def _release_parked(self) -> None:
@@ -318,7 +352,7 @@ class Consumer:
             job = buffer.popleft()
             if job.msg.id in revoked:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
-                self._settle(job, lambda m: m.ack())
+                self._settle(job, ACK)
                 continue
             wait = self.rate_limits.wait(job.msg.name)
             if wait:
@@ -327,7 +361,7 @@ class Consumer:
             job.run = self._with_limits(job.msg)
             if not self._acks_late(job.msg.name):
                 # At-most-once by request: acknowledged before it runs, never delivered again.
-                self._settle(job, lambda m: m.ack())
+                self._settle(job, ACK)
             pool.submit(job)
 
     # -- outcomes ----------------------------------------------------------------------------
@@ -345,12 +379,11 @@ class Consumer:
         elif status == execute.REQUEUE:
             # Not at once: when the database is down, an instant requeue only spins; meanwhile
             # the message stays unacknowledged, so nothing is lost.
-            self.hub.call_later(REQUEUE_DELAY, self._settle, job,
-                                lambda m: m.reject(requeue=True))
+            self.hub.call_later(REQUEUE_DELAY, self._settle, job, REQUEUE)
         elif status == LOST:
             self._on_lost(job, outcome)
         else:
-            self._settle(job, lambda m: m.ack())
+            self._settle(job, ACK)
             if status == TaskState.SUCCESS and logger.isEnabledFor(logging.INFO):
                 logger.info("Task %s[%s] succeeded in %.3fs", msg.name, msg.id, outcome.runtime)
         if self._polled and not self.stopping and not self.buffer and self.hub is not None:
@@ -360,7 +393,7 @@ class Consumer:
         if job.revoked:  # terminated on request: the REVOKED row is there already
             signals.task_revoked.send(sender=None, request=job.msg, expired=False,
                                       terminated=True)
-            self._settle(job, lambda m: m.ack())
+            self._settle(job, ACK)
             return
         if job.timed_out:
             self._fail(job, TimeLimitExceeded(
@@ -384,22 +417,31 @@ class Consumer:
             client.publish(msg)
         except Exception:  # noqa: BLE001 - keep the original rather than lose the task
             logger.exception("Could not publish %s[%s] again; requeueing it", msg.name, msg.id)
-            self._settle(job, lambda m: m.reject(requeue=True))
+            self._settle(job, REQUEUE)
         else:
-            self._settle(job, lambda m: m.ack())
+            self._settle(job, ACK)
 
     def _fail(self, job: Job, exc: Exception) -> None:
         # The task could not report its own failure: the parent stores it, then acks.
         execute.store(job.msg, TaskState.FAILURE, result=execute.exception_info(exc),
                       worker=self.hostname)
-        self._settle(job, lambda m: m.ack())
+        self._settle(job, ACK)
 
-    def _settle(self, job: Job, action: Callable[[Any], None]) -> None:
-        if job.stale or job.settled:
+    def _settle(self, job: Job, how: str) -> None:
+        """Acknowledge (``ACK``), give back (``REQUEUE``) or drop (``DROP``) job's message."""
+        if job.settled:
             return
         job.settled = True
+        if job.stale:
+            self._orphans.append((job, how))
+            if self._connected:
+                self._settle_orphans()
+            return
         try:
-            action(job.message)
+            if how == ACK:
+                job.message.ack()
+            else:
+                job.message.reject(requeue=how == REQUEUE)
         except self.connection.connection_errors + self.connection.channel_errors:
             raise
         except Exception:  # noqa: BLE001 - e.g. already acknowledged
