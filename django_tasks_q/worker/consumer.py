@@ -167,8 +167,18 @@ class Consumer:
         for job in self.pool.active():
             self._settle(job, REQUEUE)
 
+    def _waiting(self) -> list[Job]:
+        """Received and not started: in the buffer, or held for their eta or rate limit."""
+        return [*self.buffer, *(entry[2] for entry in self.delayed)]
+
+    def _give_back_waiting(self) -> None:
+        for job in self._waiting():
+            self._settle(job, REQUEUE)
+        self.buffer.clear()
+        self.delayed.clear()
+
     def _held(self) -> list[Job]:
-        return [*self.buffer, *(entry[2] for entry in self.delayed), *self.pool.active()]
+        return [*self._waiting(), *self.pool.active()]
 
     def _keep_leases(self) -> None:
         # Redis gives an unacked message to another worker once its delivery time is older
@@ -195,22 +205,15 @@ class Consumer:
                 self.kombu.cancel()
             self.kombu = None
             # Received but not started: give them back now rather than at connection close.
-            for job in list(self.buffer) + [entry[2] for entry in self.delayed]:
-                self._settle(job, REQUEUE)
-            self.buffer.clear()
-            self.delayed.clear()
+            self._give_back_waiting()
 
     def _forget_unacked(self) -> None:
         # Their channel died with the connection. RabbitMQ redelivers them by itself; on Redis
         # and django:// they stay set aside until settled by tag from the next connection.
         self._connected = False
-        for job in self.pool.active():
+        for job in self._held():
             job.stale = True
-        for job in [*self.buffer, *(entry[2] for entry in self.delayed)]:
-            job.stale = True
-            self._settle(job, REQUEUE)
-        self.buffer.clear()
-        self.delayed.clear()
+        self._give_back_waiting()
 
     def _settle_orphans(self) -> None:
         """Settle, through the current channel, messages received on a connection now gone."""
