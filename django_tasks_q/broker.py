@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.message import Message
 from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import redis as kombu_redis
 
 from . import conf
 from .exceptions import EnqueueError
 
 TRANSPORT_ALIASES.setdefault("django", "django_tasks_q.transport.django:Transport")
+
+logger = logging.getLogger("django_tasks_q.broker")
 
 # Bounded: a publish during an outage retries for a few seconds, then the caller hears of it.
 PUBLISH_RETRY_POLICY = {"max_retries": 4, "interval_start": 0.2, "interval_step": 0.5,
@@ -22,10 +28,97 @@ PUBLISH_RETRY_POLICY = {"max_retries": 4, "interval_start": 0.2, "interval_step"
 
 REDIS_VISIBILITY_TIMEOUT = 300
 
+#: Priorities run from 0 (lowest, and what a message without one gets) to this (highest).
+MAX_PRIORITY = 9
+#: RabbitMQ's refusal of a declaration whose arguments differ from the existing queue's.
+PRECONDITION_FAILED = 406
 
-def queue(name: str) -> Queue:
-    """The durable queue ``name``, bound to a direct exchange of the same name (Celery's layout)."""
-    return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
+_warned_unprioritised: set[str] = set()
+
+
+def queue(name: str, priorities: bool = True, declared: bool = False) -> Queue:
+    """The durable queue ``name``, bound to a direct exchange of the same name (Celery's layout).
+
+    With ``priorities`` it carries ``x-max-priority``: RabbitMQ orders by priority only in
+    queues declared with it (other brokers ignore the argument). A ``declared`` queue is one
+    kombu must not declare again (see ``declare``).
+    """
+    arguments = {"x-max-priority": MAX_PRIORITY} if priorities else None
+    return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True,
+                 queue_arguments=arguments, no_declare=declared)
+
+
+def declare(conn: Connection, names: Iterable[str]) -> list[Queue]:
+    """Declare the queues ``names``; return them ready to consume from, not to be declared again.
+
+    A queue that exists already without our ``x-max-priority`` (declared by Celery, or by an
+    older version of this app) makes RabbitMQ refuse the declaration and close the channel. It
+    is then used as it is, without priorities, and one warning says what to do about it.
+    """
+    ready: list[Queue] = []
+    # A channel of its own: the one a refusal closes is never the caller's.
+    channel = conn.channel()
+    try:
+        for name in names:
+            priorities = True
+            try:
+                queue(name).declare(channel=channel)
+            except conn.channel_errors as exc:
+                if getattr(exc, "reply_code", None) != PRECONDITION_FAILED:
+                    raise
+                with contextlib.suppress(Exception):  # closed by the broker already
+                    channel.close()
+                channel = conn.channel()
+                priorities = False
+                plain = queue(name, priorities=False)
+                plain.exchange.declare(channel=channel)
+                # Passive: whatever arguments the queue has, it is accepted as it is.
+                plain.queue_declare(passive=True, channel=channel)
+                plain.queue_bind(channel=channel)
+                _warn_unprioritised(name)
+            ready.append(queue(name, priorities=priorities, declared=True))
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+    return ready
+
+
+def _warn_unprioritised(name: str) -> None:
+    if name in _warned_unprioritised:
+        return
+    _warned_unprioritised.add(name)
+    logger.warning(
+        "Queue %r was declared earlier without x-max-priority=%d (by Celery, or by an older "
+        "version of django-tasks-q), so RabbitMQ does not honour task priorities on it; using "
+        "it as it is. To have them honoured, drain the queue and delete it, so that it is "
+        "declared again with the argument; where Celery workers or clients share it, first set "
+        "task_queue_max_priority = %d in their configuration.",
+        name, MAX_PRIORITY, MAX_PRIORITY)
+
+
+def wire_priority(conn: Connection, priority: int | None) -> int | None:
+    """The priority a message is published with on ``conn``'s broker.
+
+    Ours runs higher first, as on AMQP and ``django://``; kombu's Redis transport serves lower
+    numbers first, so there it is inverted (and no priority becomes our lowest, 0).
+    """
+    if isinstance(conn.transport, kombu_redis.Transport):
+        return MAX_PRIORITY - min(max(int(priority or 0), 0), MAX_PRIORITY)
+    return priority
+
+
+def received_priority(raw: Message) -> int | None:
+    """The priority of a received message in our terms (0–9, higher first), or None."""
+    value = (raw.properties or {}).get("priority")
+    if value is None:
+        return None
+    try:
+        priority = int(value)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(raw.channel, kombu_redis.Channel):
+        priority = MAX_PRIORITY - priority
+    return min(max(priority, 0), MAX_PRIORITY)
 
 
 def connection(url: str | None = None, options: dict[str, Any] | None = None) -> Connection:
@@ -65,17 +158,23 @@ class Publisher:
                 queue_name: str, priority: int | None = None) -> None:
         """Publish one encoded task message to ``queue_name`` (persistent, confirmed on AMQP)."""
         with self._lock:
-            if self._producer is None:
-                self._conn = connection(self.url, self.options)
-                self._producer = Producer(self._conn, auto_declare=False)
-            declare = [] if queue_name in self._declared else [queue(queue_name)]
+            conn = self._conn
+            if conn is None or self._producer is None:
+                conn = self._conn = connection(self.url, self.options)
+                self._producer = Producer(conn, auto_declare=False)
             try:
+                if queue_name not in self._declared:
+                    # Connecting is retried like the publish below; the queue is declared on a
+                    # channel of its own (see declare()), never on the producer's.
+                    conn.ensure_connection(**PUBLISH_RETRY_POLICY)
+                    declare(conn, [queue_name])
+                    self._declared.add(queue_name)
                 # The default exchange routes by queue name with no binding lookup: one round
                 # trip less per message on Redis and django://, the same queue on AMQP.
                 self._producer.publish(
                     body, exchange="", routing_key=queue_name, headers=headers,
                     content_type="application/json", content_encoding="utf-8",
-                    priority=priority, delivery_mode=2, declare=declare, retry=True,
+                    priority=wire_priority(conn, priority), delivery_mode=2, retry=True,
                     retry_policy=PUBLISH_RETRY_POLICY, **properties)
             except Exception as exc:
                 self._reset()
@@ -83,7 +182,6 @@ class Publisher:
                     raise
                 raise EnqueueError(f"Could not publish to {safe_url(self.url)} "
                                    f"({type(exc).__name__}: {exc}); the task was not sent") from exc
-            self._declared.add(queue_name)
 
     def _reset(self) -> None:
         if self._conn is not None:

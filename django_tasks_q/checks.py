@@ -36,6 +36,13 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             f"TASKS_Q['DEFAULT_QUEUE'] {cfg.DEFAULT_QUEUE!r} is not in TASKS_Q['QUEUES'].",
             hint="Add it to QUEUES, or pick one of them as DEFAULT_QUEUE.",
             id="django_tasks_q.E004"))
+    keepalive = cfg.AUTOSCALE_KEEPALIVE
+    if isinstance(keepalive, bool) or not isinstance(keepalive, int | float) or keepalive <= 0:
+        found.append(checks.Error(
+            f"TASKS_Q['AUTOSCALE_KEEPALIVE'] is {keepalive!r}.",
+            hint="Use a number of seconds above 0: how long an extra pool child may stay idle "
+                 "before taskworker --autoscale lets it go.",
+            id="django_tasks_q.E005"))
     return found
 
 

@@ -88,6 +88,17 @@ def route(name: str, task_queue: str | None, queue: str | None,
     return queue, priority
 
 
+def check_priority(name: str, priority: Any) -> int | None:
+    """``priority`` if it is one: an int from 0 (lowest, the default) to 9 (highest), or None."""
+    if priority is None:
+        return None
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not 0 <= priority <= broker.MAX_PRIORITY):
+        raise ValueError(f"Cannot send task {name}: priority must be an int from 0 (lowest, the "
+                         f"default) to {broker.MAX_PRIORITY} (highest), not {priority!r}")
+    return priority
+
+
 def _when(countdown: float | None, eta: datetime | None) -> datetime | None:
     if countdown is not None:
         return datetime.now(UTC) + timedelta(seconds=float(countdown))
@@ -113,7 +124,7 @@ def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
 
     body = encode_body(task.name, args, kwargs)
     queue, priority = route(task.name, task.queue, queue, priority)
-    priority = task.priority if priority is None else priority
+    priority = check_priority(task.name, task.priority if priority is None else priority)
     parent = current_request()
     msg = message.TaskMessage(
         id=task_id or message.new_id(), name=task.name, args=args, kwargs=kwargs,
@@ -182,7 +193,7 @@ def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
     queue, priority = route(name, None, queue, priority)
     msg = message.TaskMessage(id=task_id or message.new_id(), name=name, args=args,
                               kwargs=kwargs, eta=_when(countdown, eta), queue=queue,
-                              priority=priority)
+                              priority=check_priority(name, priority))
     publish(msg, body)
     try:
         known: Task[Any, Any] | None = registry.get(name)

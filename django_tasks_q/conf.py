@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "ACKS_LATE": True,
     "MAX_DELIVERIES": 3,
     "SHUTDOWN_GRACE": 60.0,
+    "AUTOSCALE_KEEPALIVE": 30.0,
     "TIME_LIMIT": None,
     "SOFT_TIME_LIMIT": None,
     "BEAT_SCHEDULE": {},
@@ -49,6 +50,7 @@ class Settings:
     ACKS_LATE: bool
     MAX_DELIVERIES: int
     SHUTDOWN_GRACE: float | None
+    AUTOSCALE_KEEPALIVE: float
     TIME_LIMIT: float | None
     SOFT_TIME_LIMIT: float | None
     BEAT_SCHEDULE: dict[str, Any]

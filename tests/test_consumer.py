@@ -195,6 +195,6 @@ def test_parking_the_same_message_twice_keeps_one_row() -> None:
         raw = conn.SimpleQueue(broker.queue("default")).get(timeout=1)
         msg = message.decode(raw.headers, raw.decode(), queue="default")
     parking = Parking("t")
-    parking.park(msg)
-    parking.park(msg)  # redelivered after a crash between park and ack
+    parking.park([msg])
+    parking.park([msg])  # redelivered after a crash between park and ack
     assert ParkedMessage.objects.count() == 1

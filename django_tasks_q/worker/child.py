@@ -12,7 +12,7 @@ import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
-from django.db import close_old_connections, connections
+from django.db import DatabaseError, close_old_connections, connections
 
 from .. import execute, signals
 from ..message import TaskMessage
@@ -87,7 +87,11 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
     close_old_connections()
     try:
         outcome = execute.run(msg, hostname)
-    except Exception as exc:  # noqa: BLE001 - e.g. the database went away while storing
+    except DatabaseError as exc:  # the database went away while storing: no traceback needed
+        logger.error("Task %s[%s]: outcome could not be stored (%s: %s); giving it back",
+                     msg.name, msg.id, type(exc).__name__, str(exc).strip())
+        outcome = execute.Outcome(execute.REQUEUE, error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a bug in storing: keep the traceback
         logger.exception("Task %s[%s]: outcome could not be stored; giving it back",
                          msg.name, msg.id)
         outcome = execute.Outcome(execute.REQUEUE, error=f"{type(exc).__name__}: {exc}")

@@ -23,7 +23,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from .. import broker, client, conf, execute, message, registry, signals
 from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
 from ..models import TaskResult, TaskState
-from .parking import PARK_AFTER, Parking
+from .parking import PARK_AFTER, PARK_BATCH, PARK_COLLECT, Parking
 from .pool import LOST, Job, Pool
 from .ratelimit import RateLimits
 
@@ -35,14 +35,18 @@ RELEASE_INTERVAL = 1.0  # seconds between looks for parked messages that are due
 ACK, REQUEUE, DROP = "ack", "requeue", "drop"  # how a message is settled
 REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be stored goes back
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
+WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
+WATCHDOG_STRIKES = 2  # looks in a row that find work waiting and nothing received
 
 
 class Consumer:
     """Owns the broker connection; feeds the pool with at most ``prefetch`` unacked messages."""
 
     def __init__(self, queues: list[str], pool: Pool, hostname: str, prefetch: int,
-                 time_limit: float | None = None, soft_time_limit: float | None = None) -> None:
+                 time_limit: float | None = None, soft_time_limit: float | None = None,
+                 watchdog_interval: float = WATCHDOG_INTERVAL) -> None:
         self.queues = queues
+        self.watchdog_interval = watchdog_interval
         self.time_limit = time_limit
         self.soft_time_limit = soft_time_limit
         self.pool = pool
@@ -50,6 +54,8 @@ class Consumer:
         self.prefetch = prefetch
         self.buffer: deque[Job] = deque()
         self.delayed: list[tuple[float, int, Job]] = []  # (due, seq, job), due in time.time()
+        self._to_park: list[Job] = []  # due much later: parked together, shortly
+        self._qos_global = False
         self._seq = itertools.count()
         self.stopping = False  # warm shutdown: take nothing new
         self.cold = False
@@ -63,6 +69,10 @@ class Consumer:
         self._connected = False
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
         self._unreachable = False
+        self._received = False  # a message arrived since the watchdog last looked
+        self._strikes = 0
+        self._stalled = False
+        self._database_down = False
         self.revoked: set[str] = set()
         self.rate_limits = RateLimits()
         self.parking = Parking(hostname)
@@ -96,6 +106,8 @@ class Consumer:
                                broker.safe_url(), type(exc).__name__, exc)
                 self._unreachable = True  # announced: the retries stay quiet
                 self._forget_unacked()
+            except _Stalled:
+                self._forget_unacked()
             finally:
                 if self.hub is not None:
                     # Closing runs callbacks kombu still had queued; on a dead connection they
@@ -125,9 +137,13 @@ class Consumer:
         self.pool.register(hub)
         if wakeup_fd is not None and on_wakeup is not None:
             hub.add_reader(wakeup_fd, on_wakeup)
-        self.kombu = KombuConsumer(conn.channel(), queues=[broker.queue(q) for q in self.queues],
-                                   on_message=self.on_message, accept=["json"],
-                                   prefetch_count=self.prefetch)
+        self.kombu = KombuConsumer(conn.channel(), queues=broker.declare(conn, self.queues),
+                                   on_message=self.on_message, accept=["json"])
+        # RabbitMQ applies a per-consumer limit only to consumers created after it, and makes
+        # one consumer per queue; a limit for the channel covers all queues and can be widened
+        # later (messages held until due, or waiting to be parked).
+        self._qos_global = not conn.qos_semantics_matches_spec
+        self._set_prefetch()
         self._polled = not conn.transport.implements.asynchronous
         if not self._polled:
             conn.transport.register_with_event_loop(conn.connection, hub)
@@ -141,6 +157,8 @@ class Consumer:
             self.on_ready = None
         hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
         hub.call_repeatedly(RELEASE_INTERVAL, self._release_parked)
+        self._received, self._strikes, self._stalled = False, 0, False
+        hub.call_repeatedly(self.watchdog_interval, self._watchdog)
         self._channel = self.kombu.channel
         self._connected = True
         self._settle_orphans()
@@ -152,6 +170,8 @@ class Consumer:
             hub.call_repeatedly(1.0, self._channel.renew_leases)
         loop = hub.create_loop()
         while not self.cold:
+            if self._stalled:
+                raise _Stalled
             if self.stopping:
                 self._begin_shutdown()
                 if not self.pool.active():
@@ -168,13 +188,14 @@ class Consumer:
             self._settle(job, REQUEUE)
 
     def _waiting(self) -> list[Job]:
-        """Received and not started: in the buffer, or held for their eta or rate limit."""
-        return [*self.buffer, *(entry[2] for entry in self.delayed)]
+        """Received and not started: in the buffer, to be parked, or held until due."""
+        return [*self.buffer, *self._to_park, *(entry[2] for entry in self.delayed)]
 
     def _give_back_waiting(self) -> None:
         for job in self._waiting():
             self._settle(job, REQUEUE)
         self.buffer.clear()
+        self._to_park.clear()
         self.delayed.clear()
 
     def _held(self) -> list[Job]:
@@ -189,9 +210,46 @@ class Consumer:
         if tags:
             self._channel.client.zadd(self._channel.unacked_index_key, tags, xx=True)
 
+    def _watchdog(self) -> None:
+        """Reconnect when the connection is up but nothing arrives while our queues have work.
+
+        A consumer can be lost without the connection failing (a cancelled subscription, a
+        half-open socket); the worker would then sit idle forever. Only an idle worker looks:
+        one with a free pool slot and nothing waiting, that received nothing since last time.
+        """
+        received, self._received = self._received, False
+        if received or self.stopping or self.buffer or not self.pool.free():
+            self._strikes = 0
+            return
+        try:
+            waiting = self._ready_in_queues()
+        except Exception as exc:  # noqa: BLE001 - a broken channel: reconnecting is the cure
+            waiting, reason = -1, f"{type(exc).__name__}: {exc}"
+        else:
+            reason = f"{waiting} message(s) wait in {','.join(self.queues)}"
+        if waiting == 0:
+            self._strikes = 0
+            return
+        self._strikes += 1
+        if self._strikes >= WATCHDOG_STRIKES:
+            logger.warning("Received nothing for %.0fs while %s: reconnecting to %s",
+                           self._strikes * self.watchdog_interval, reason, broker.safe_url())
+            self._stalled = True
+
+    def _ready_in_queues(self) -> int:
+        """Messages ready for delivery in the queues consumed (not those delivered already)."""
+        channel = self._channel
+        if hasattr(channel, "_size"):  # kombu's virtual transports: Redis, django://
+            return sum(int(channel._size(name)) for name in self.queues)
+        total = 0
+        for name in self.queues:
+            ok = channel.queue_declare(queue=name, passive=True)
+            total += ok.message_count
+        return total
+
     def _poll(self) -> None:
         # Transports without an event-loop integration (django://, memory://) are polled.
-        for _ in range(self.prefetch):
+        for _ in range(self._window()):
             if self.stopping or self.kombu is None or len(self.buffer) >= self.prefetch:
                 return
             try:
@@ -204,6 +262,7 @@ class Consumer:
             with contextlib.suppress(Exception):
                 self.kombu.cancel()
             self.kombu = None
+            self._park_batch()  # their eta is far: park them rather than hand them around
             # Received but not started: give them back now rather than at connection close.
             self._give_back_waiting()
 
@@ -239,11 +298,12 @@ class Consumer:
     # -- messages ----------------------------------------------------------------------------
     def on_message(self, raw: Any) -> None:
         """A message arrived: parse it, then start it, hold it until due, or drop it."""
+        self._received = True
         try:
             body = raw.decode()
             info = raw.delivery_info or {}
             msg = message.decode(raw.headers, body, queue=info.get("routing_key") or "",
-                                 priority=(raw.properties or {}).get("priority"))
+                                 priority=broker.received_priority(raw))
         except (ContentDisallowed, DecodeError, message.MalformedMessage) as exc:
             mid = (raw.headers or {}).get("id") or (raw.properties or {}).get("correlation_id")
             logger.error("Dropped message %s from queue %s: %s (content type %s)", mid,
@@ -253,35 +313,49 @@ class Consumer:
         job = Job(msg, raw)
         due = msg.eta.timestamp() if msg.eta is not None else 0.0
         if due > time.time():
-            if due - time.time() > PARK_AFTER and self._park(job):
+            if due - time.time() > PARK_AFTER:
+                self._to_park.append(job)
+                if len(self._to_park) >= PARK_BATCH:
+                    self._park_batch()
+                elif len(self._to_park) == 1:
+                    # Collect what arrives meanwhile: one transaction parks them all. A wider
+                    # prefetch window lets a stream of such messages fill the batch.
+                    self._set_prefetch()
+                    self.hub.call_later(PARK_COLLECT, self._park_batch)
                 return
             self._hold(job, due)
             return
         self.buffer.append(job)
         self._dispatch()
 
-    def _park(self, job: Job) -> bool:
-        """Move a message due much later into the database; False: keep it in memory."""
+    def _park_batch(self) -> None:
+        """Move the messages due much later into the database, then ack them."""
+        jobs, self._to_park = self._to_park, []
+        if not jobs:
+            return
         try:
-            self.parking.park(job.msg)
+            self.parking.park([job.msg for job in jobs])
         except DatabaseError as exc:
-            logger.warning("Could not park %s[%s] until its eta (%s); holding it instead",
-                           job.msg.name, job.msg.id, exc)
-            db_connection.close()
-            return False
-        self._settle(job, ACK)
-        return True
+            self._database_failed(f"Could not park {len(jobs)} task(s) until their eta; "
+                                  f"holding them in memory instead", exc)
+            for job in jobs:
+                self._hold(job, job.msg.eta.timestamp() if job.msg.eta else 0.0)
+        else:
+            self._database_ok()
+            for job in jobs:
+                self._settle(job, ACK)
+        self._set_prefetch()
 
     def _release_parked(self) -> None:
         try:
             released = self.parking.release_due()
         except DatabaseError as exc:
-            logger.warning("Could not release parked tasks: %s", exc)
-            db_connection.close()
+            self._database_failed("Could not release parked tasks", exc)
             return
         except Exception:  # noqa: BLE001 - the broker: the claims run out, they go next time
             logger.exception("Could not publish parked tasks")
             return
+        self._database_ok()
         if released:
             logger.info("Released %d parked task(s) that are due", released)
 
@@ -292,10 +366,15 @@ class Consumer:
         self._set_prefetch()
         self.hub.call_later(max(0.0, due - time.time()), self._release_due)
 
+    def _window(self) -> int:
+        """Unacknowledged messages to allow: the prefetch, plus room for those waiting to be
+        parked or held until due, which would otherwise starve the pool."""
+        return self.prefetch + len(self.delayed) + (PARK_BATCH if self._to_park else 0)
+
     def _set_prefetch(self) -> None:
         if self.kombu is not None:
             with contextlib.suppress(Exception):
-                self.kombu.qos(prefetch_count=self.prefetch + len(self.delayed))
+                self.kombu.qos(prefetch_count=self._window(), apply_global=self._qos_global)
 
     def _release_due(self) -> None:
         now = time.time()
@@ -316,9 +395,9 @@ class Consumer:
             rows = list(TaskResult.objects.filter(status=TaskState.REVOKED, date_done__gte=since
                                                   ).values_list("task_id", "result")[:100_000])
         except DatabaseError as exc:
-            logger.warning("Could not read revoked tasks: %s", exc)
-            db_connection.close()  # reconnect next time
+            self._database_failed("Could not read revoked tasks", exc)
             return
+        self._database_ok()
         self.revoked.update(task_id for task_id, _ in rows)
         # Overlap the windows: a row committed late with an earlier timestamp is still seen.
         self._revoked_since = now - timedelta(seconds=5)
@@ -328,6 +407,20 @@ class Consumer:
             if job.msg.id in stop and not job.revoked:
                 job.revoked = True
                 self.pool.terminate(job)
+
+    def _database_failed(self, what: str, exc: Exception) -> None:
+        # Once per outage: the timers that read the database would repeat it every second.
+        with contextlib.suppress(Exception):
+            db_connection.close()  # the next use reconnects
+        level = logging.DEBUG if self._database_down else logging.WARNING
+        logger.log(level, "%s: %s: %s (the worker goes on and retries)", what,
+                   type(exc).__name__, str(exc).strip())
+        self._database_down = True
+
+    def _database_ok(self) -> None:
+        if self._database_down:
+            self._database_down = False
+            logger.warning("The database is reachable again")
 
     @staticmethod
     def _acks_late(name: str) -> bool:
@@ -426,8 +519,15 @@ class Consumer:
 
     def _fail(self, job: Job, exc: Exception) -> None:
         # The task could not report its own failure: the parent stores it, then acks.
-        execute.store(job.msg, TaskState.FAILURE, result=execute.exception_info(exc),
-                      worker=self.hostname)
+        try:
+            execute.store(job.msg, TaskState.FAILURE, result=execute.exception_info(exc),
+                          worker=self.hostname)
+        except DatabaseError as error:
+            # Unacknowledged, the message comes back: the outcome is not lost.
+            self._database_failed(f"Could not store the failure of {job.msg.name}"
+                                  f"[{job.msg.id}]; giving it back", error)
+            self.hub.call_later(REQUEUE_DELAY, self._settle, job, REQUEUE)
+            return
         self._settle(job, ACK)
 
     def _settle(self, job: Job, how: str) -> None:
@@ -446,6 +546,10 @@ class Consumer:
             else:
                 job.message.reject(requeue=how == REQUEUE)
         except self.connection.connection_errors + self.connection.channel_errors:
+            # The connection died under the ack: settle it by tag once reconnected, or the
+            # broker would hand the message out again after its visibility timeout.
+            job.stale = True
+            self._orphans.append((job, how))
             raise
         except Exception:  # noqa: BLE001 - e.g. already acknowledged
             logger.exception("Could not settle message %s", job.msg.id if job.msg else "?")
@@ -453,3 +557,7 @@ class Consumer:
 
 class _ColdStop(Exception):
     pass
+
+
+class _Stalled(Exception):
+    """The watchdog found the consumer receiving nothing while its queues have work."""

@@ -30,6 +30,7 @@ class WorkerOptions:
     max_memory_per_child: int | None = None  # KiB
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    autoscale: tuple[int, int] | None = None  # (MAX, MIN) prefork children; wins over concurrency
 
 
 def default_hostname() -> str:
@@ -43,7 +44,9 @@ class Worker:
     def __init__(self, options: WorkerOptions) -> None:
         if options.pool not in POOLS:
             raise ValueError(f"Unknown pool {options.pool!r}; use one of {', '.join(POOLS)}")
-        if options.concurrency < 1:
+        if options.autoscale is not None:
+            check_autoscale(options.autoscale, options.pool)
+        elif options.concurrency < 1:
             raise ValueError("Concurrency must be at least 1")
         if options.pool == "prefork" and conf.get().BROKER_URL.startswith("memory://"):
             raise ValueError("The memory:// broker lives inside one process, so forked pool "
@@ -51,10 +54,13 @@ class Worker:
                              "-P threads with memory://, or a real broker for prefork")
         self.options = options
         self.hostname = options.hostname or default_hostname()
-        size = 1 if options.pool == "solo" else options.concurrency
+        size, least = options.autoscale or (
+            (1, 1) if options.pool == "solo" else (options.concurrency, options.concurrency))
         self.pool = POOLS[options.pool](size, self.hostname, on_done=lambda j, o: None,
                                         max_tasks_per_child=options.max_tasks_per_child,
-                                        max_memory_per_child=options.max_memory_per_child)
+                                        max_memory_per_child=options.max_memory_per_child,
+                                        min_size=least)
+        # Reserve for the largest the pool may grow to: a waiting message is what makes it grow.
         self.consumer = Consumer(options.queues, self.pool, self.hostname,
                                  prefetch=max(1, size * max(1, options.prefetch_multiplier)),
                                  time_limit=options.time_limit,
@@ -63,8 +69,11 @@ class Worker:
         self._signals = 0
 
     def _ready(self) -> None:
-        logger.info("%s ready: pool=%s concurrency=%d queues=%s broker=%s tasks=%d",
-                    self.hostname, self.options.pool, self.pool.size, ",".join(self.options.queues),
+        pool = self.pool
+        size = (f"autoscale={pool.min_size}..{pool.size}" if pool.autoscale
+                else f"concurrency={pool.size}")
+        logger.info("%s ready: pool=%s %s queues=%s broker=%s tasks=%d",
+                    self.hostname, self.options.pool, size, ",".join(self.options.queues),
                     broker.safe_url(), len(registry.names()))
         signals.worker_ready.send(sender=self)
 
@@ -113,6 +122,35 @@ def _drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def parse_autoscale(option: str) -> tuple[int, int]:
+    """``--autoscale MAX,MIN`` as ``(MAX, MIN)``; ValueError saying what is wrong."""
+    parts = [part.strip() for part in option.split(",")]
+    try:
+        high, low = (int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"--autoscale takes MAX,MIN: two whole numbers separated by a comma, "
+                         f"the most and the fewest pool children (e.g. --autoscale 10,3); "
+                         f"got {option!r}") from None
+    return high, low
+
+
+def check_autoscale(autoscale: tuple[int, int], pool: str) -> None:
+    """ValueError unless ``(MAX, MIN)`` is a range the ``pool`` can scale within."""
+    high, low = autoscale
+    given = f"--autoscale {high},{low}"
+    if pool != "prefork":
+        what = "one task at a time" if pool == "solo" else "a fixed number of threads (-c)"
+        raise ValueError(f"{given} works with the prefork pool only; -P {pool} runs {what}. "
+                         f"Use -P prefork, or drop --autoscale")
+    if low < 0:
+        raise ValueError(f"{given}: MIN must be 0 or more")
+    if high < 1:
+        raise ValueError(f"{given}: MAX must be at least 1")
+    if high < low:
+        raise ValueError(f"{given}: MAX ({high}) is below MIN ({low}); the order is MAX,MIN, "
+                         f"e.g. --autoscale {low},{high}")
 
 
 def queues_from(option: str | None) -> list[str]:

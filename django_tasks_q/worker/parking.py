@@ -6,6 +6,7 @@ import json
 import logging
 from datetime import timedelta
 
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -19,6 +20,10 @@ PARK_AFTER = 30.0
 #: How long a worker has to publish the parked messages it claimed before others may.
 CLAIM_SECONDS = 60
 RELEASE_BATCH = 500
+#: At most this many messages are parked in one transaction ...
+PARK_BATCH = 200
+#: ... collected for at most this many seconds after the first of them arrived.
+PARK_COLLECT = 0.05
 
 
 class Parking:
@@ -27,15 +32,19 @@ class Parking:
     def __init__(self, owner: str) -> None:
         self.owner = owner
 
-    def park(self, msg: message.TaskMessage) -> None:
-        """Store ``msg`` until its eta (committed before the caller acknowledges it)."""
-        if msg.eta is None:
-            raise ValueError(f"task {msg.id} has no eta to wait for")
-        body, headers, _ = message.encode(msg)
-        ParkedMessage.objects.bulk_create(
-            [ParkedMessage(queue=msg.queue, task_id=msg.id, retries=msg.retries,
-                           due_at=msg.eta, headers=headers, body=body, priority=msg.priority)],
-            ignore_conflicts=True)
+    def park(self, msgs: list[message.TaskMessage]) -> None:
+        """Store ``msgs`` until their eta, in one transaction committed before the caller
+        acknowledges them. A message parked already (redelivered) is stored once."""
+        rows = []
+        for msg in msgs:
+            if msg.eta is None:
+                raise ValueError(f"task {msg.id} has no eta to wait for")
+            body, headers, _ = message.encode(msg)
+            rows.append(ParkedMessage(queue=msg.queue, task_id=msg.id, retries=msg.retries,
+                                      due_at=msg.eta, headers=headers, body=body,
+                                      priority=msg.priority))
+        with transaction.atomic():
+            ParkedMessage.objects.bulk_create(rows, ignore_conflicts=True)
 
     def release_due(self) -> int:
         """Publish the parked messages that are due; returns how many went out."""

@@ -18,13 +18,14 @@ from typing import Any
 
 from django.db import connections
 
-from .. import execute
+from .. import conf, execute
 from ..message import TaskMessage
 from . import child
 
 logger = logging.getLogger("django_tasks_q.worker")
 
 LOST = "LOST"  # the process running the job died
+GROW_PAUSE = 5.0  # seconds an autoscaling pool stays at its size after a fork failed
 
 
 @dataclass(eq=False)
@@ -51,8 +52,10 @@ class Pool:
 
     def __init__(self, size: int, hostname: str, on_done: OnDone,
                  max_tasks_per_child: int | None = None,
-                 max_memory_per_child: int | None = None) -> None:
-        self.size = size
+                 max_memory_per_child: int | None = None,
+                 min_size: int | None = None) -> None:
+        self.size = size  # with autoscale: the most children
+        self.min_size = size if min_size is None else min_size  # the fewest (autoscale)
         self.hostname = hostname
         self.on_done = on_done
         self.on_slot: Callable[[], None] = lambda: None  # a slot became free without an outcome
@@ -66,6 +69,11 @@ class Pool:
     def register(self, hub: Any) -> None:
         """Attach to the consumer's event loop (a new one after every reconnect)."""
         self.hub = hub
+
+    @property
+    def autoscale(self) -> bool:
+        """True when the pool grows and shrinks between ``min_size`` and ``size``."""
+        return self.min_size != self.size
 
     def free(self) -> int:
         """How many more jobs can start now."""
@@ -151,22 +159,40 @@ class _Child:
     job: Job | None = None
     done: int = 0
     retiring: bool = False  # reached max_tasks_per_child: exits after its last job
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+def _children(n: int) -> str:
+    return f"{n} child" if n == 1 else f"{n} children"
 
 
 class PreforkPool(Pool):
-    """Forked children reused across jobs; a job goes only to an idle child (fair dispatch)."""
+    """Forked children reused across jobs; a job goes only to an idle child (fair dispatch).
+
+    With autoscale (``min_size`` below ``size``) it starts ``min_size`` children, forks one more
+    when a job is submitted while none is idle, and lets a child go once it has been idle for
+    ``AUTOSCALE_KEEPALIVE`` seconds, never going below ``min_size``."""
 
     def start(self) -> None:
         self._children: dict[int, _Child] = {}
         self._stopping = False
-        for _ in range(self.size):
+        self._retired: set[int] = set()  # let go by autoscale, not reaped yet
+        self._idle_timer: Any = None
+        self._grow_after = 0.0  # monotonic time growing may be tried again
+        self.keepalive = conf.get().AUTOSCALE_KEEPALIVE
+        for _ in range(self.min_size):
             self._spawn()
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> _Child:
         # Children must not share the parent's database sockets.
         connections.close_all()
         parent_end, child_end = Pipe(duplex=True)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
             try:
@@ -184,11 +210,19 @@ class PreforkPool(Pool):
         self._children[pid] = kid
         if self.hub is not None:
             self.hub.add_reader(parent_end.fileno(), self._on_readable, kid)
+        return kid
 
     def register(self, hub: Any) -> None:
         super().register(hub)
         for kid in self._children.values():
             hub.add_reader(kid.pipe.fileno(), self._on_readable, kid)
+        if self.autoscale:
+            # Called again with a new hub after every reconnect: one idle check, on the hub
+            # in use.
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            every = min(1.0, max(0.1, self.keepalive / 4))
+            self._idle_timer = hub.call_repeatedly(every, self._retire_idle)
 
     def _on_readable(self, kid: _Child) -> None:
         try:
@@ -197,6 +231,7 @@ class PreforkPool(Pool):
             self._on_exit(kid)
             return
         job, kid.job = kid.job, None
+        kid.idle_since = time.monotonic()
         if job is not None and job.limit_timer is not None:
             job.limit_timer.cancel()
         kid.done += 1
@@ -223,10 +258,64 @@ class PreforkPool(Pool):
             self.on_slot()
 
     def free(self) -> int:
-        return sum(1 for kid in self._children.values() if kid.job is None and not kid.retiring)
+        idle = sum(1 for kid in self._children.values() if kid.job is None and not kid.retiring)
+        if self.autoscale and not self._stopping and time.monotonic() >= self._grow_after:
+            return idle + self.size - len(self._children)  # with the children it may still fork
+        return idle
+
+    def _grow(self) -> _Child | None:
+        """Fork one more child (autoscale); None when the system refuses."""
+        if not self.autoscale or len(self._children) >= self.size:
+            raise RuntimeError("submit() without a free slot")
+        try:
+            kid = self._spawn()
+        except OSError as exc:  # out of processes or memory: carry on with those there are
+            self._grow_after = time.monotonic() + GROW_PAUSE
+            logger.warning("Pool could not grow beyond %s (%s); trying again in %gs",
+                           _children(len(self._children)), exc, GROW_PAUSE)
+            return None
+        logger.info("Pool grew to %s (autoscale %d..%d)", _children(len(self._children)),
+                    self.min_size, self.size)
+        return kid
+
+    def _retire_idle(self) -> None:
+        """Let go of children idle for the keep-alive, down to ``min_size``; never a busy one."""
+        self._reap_retired()
+        if self._stopping:
+            return
+        now = time.monotonic()
+        idle = sorted((kid for kid in self._children.values()
+                       if kid.job is None and not kid.retiring
+                       and now - kid.idle_since >= self.keepalive),
+                      key=lambda kid: kid.idle_since)
+        for kid in idle[:max(0, len(self._children) - self.min_size)]:
+            with contextlib.suppress(Exception):
+                self.hub.remove(kid.pipe.fileno())
+            kid.pipe.close()  # the child's loop ends at end of file and it exits
+            del self._children[kid.pid]
+            self._retired.add(kid.pid)
+            logger.info("Pool shrank to %s (autoscale %d..%d): pool child %d was idle for %.1fs",
+                        _children(len(self._children)), self.min_size, self.size, kid.pid,
+                        now - kid.idle_since)
+
+    def _reap_retired(self, block: bool = False) -> None:
+        for pid in list(self._retired):
+            try:
+                done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._retired.discard(pid)
 
     def submit(self, job: Job) -> None:
-        kid = next(k for k in self._children.values() if k.job is None and not k.retiring)
+        kid = next((k for k in self._children.values() if k.job is None and not k.retiring),
+                   None)
+        if kid is None:  # every child is busy: an autoscaling pool forks one for this job
+            kid = self._grow()
+        if kid is None:
+            self.on_done(job, execute.Outcome(execute.REQUEUE,
+                                              error="the pool could not fork a child to run it"))
+            return
         job.started = time.monotonic()
         job.pid = kid.pid
         kid.job = job
@@ -259,17 +348,21 @@ class PreforkPool(Pool):
 
     def stop(self) -> None:
         self._stopping = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for kid in list(self._children.values()):
             kid.pipe.close()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(kid.pid, 0)
         self._children.clear()
+        self._reap_retired(block=True)
 
     def kill(self) -> None:
         self._stopping = True
-        for kid in self._children.values():
+        for pid in [*self._children, *self._retired]:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(kid.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         self.stop()
 
 

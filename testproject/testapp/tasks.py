@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -83,3 +85,10 @@ def sync_to_warehouse(self: Task, order_id: int) -> dict[str, Any]:
 def add(x: int, y: int) -> int:
     """Add two numbers; keeps its result, which makes it handy in tests."""
     return x + y
+
+
+@task(results="all")
+def report_pid(seconds: float = 0) -> int:
+    """Sleep ``seconds``, then return the id of the process that ran it (to watch the pool)."""
+    time.sleep(seconds)
+    return os.getpid()

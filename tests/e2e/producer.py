@@ -56,11 +56,34 @@ class Producer:
         return msg.id
 
     def op_send_many(self, name: str, count: int, countdown: float, queue: str) -> int:
-        """Send ``count`` messages of ``name`` (args ``[i, i]``) due in ``countdown`` seconds."""
-        from django_tasks_q import send_task
+        """Send ``count`` messages of ``name`` (args ``[i, i]``) due in ``countdown`` seconds.
 
-        for i in range(count):
-            send_task(name, [i, i], queue=queue, countdown=countdown)
+        In bulk, for tests that need many messages in the queue: without publisher confirms
+        (AMQP) and in one transaction (django://). The queue must exist (a worker declared it).
+        """
+        from datetime import timedelta
+
+        from django.db import transaction
+        from django.utils import timezone
+        from kombu import Producer as KombuProducer
+
+        from django_tasks_q import broker, conf, message
+
+        eta = timezone.now() + timedelta(seconds=countdown)
+        options = {**conf.get().BROKER_OPTIONS, "confirm_publish": False}
+        embedded = conf.get().BROKER_URL.startswith("django://")
+        # Only the embedded broker writes to the database (elsewhere an open transaction
+        # would only hold SQLite's write lock against the worker).
+        atomic = transaction.atomic() if embedded else contextlib.nullcontext()
+        with broker.connection(options=options) as conn, atomic:
+            producer = KombuProducer(conn, auto_declare=False)
+            for i in range(count):
+                msg = message.TaskMessage(id=message.new_id(), name=name, args=[i, i],
+                                          kwargs={}, queue=queue, eta=eta)
+                body, headers, properties = message.encode(msg)
+                producer.publish(body, exchange="", routing_key=queue, headers=headers,
+                                 content_type="application/json", content_encoding="utf-8",
+                                 delivery_mode=2, **properties)
         return count
 
     def op_send_due(self, name: str, args: list[Any], seconds: float, queue: str) -> str:
@@ -85,11 +108,12 @@ class Producer:
 
         ParkedMessage.objects.update(due_at=timezone.now() - timedelta(seconds=1))
 
-    def op_send_task(self, name: str, args: list[Any], kwargs: dict[str, Any], queue: str) -> str:
+    def op_send_task(self, name: str, args: list[Any], kwargs: dict[str, Any], queue: str,
+                     priority: int | None = None) -> str:
         """Send a task by name through the public ``django_tasks_q.send_task``."""
         from django_tasks_q import send_task
 
-        return send_task(name, args, kwargs, queue=queue).id
+        return send_task(name, args, kwargs, queue=queue, priority=priority).id
 
     def op_apply_async(self, name: str, args: list[Any], queue: str) -> str:
         """Send a registered task the way application code does: ``Task.apply_async``."""

@@ -35,7 +35,7 @@ BROKERS = ("redis", "amqp", "django-sqlite", "django-pg")
 SETTINGS = "tests.fault.settings"
 # The report's order (each test names its scenario when it concludes).
 SCENARIOS = ("child SIGKILL", "worker SIGKILL", "warm shutdown", "cold shutdown",
-             "broker restart", "broker restart, default options")
+             "broker restart", "broker restart, default options", "database outage")
 
 # Short leases, so that a dead worker's messages come back within seconds rather than minutes.
 SHORT_LEASES = {

@@ -132,13 +132,6 @@ def test_redis_restart_mid_stream(persistent_redis: PersistentRedis, make_projec
     _run_through_outage(fault, persistent_redis.restart, persistent_redis.password)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="After a Redis restart with the default options every task now finishes within "
-           "seconds, none lost or run twice (worker/consumer.py settles the messages of the "
-           "lost connection by tag once reconnected), but one message is still left in the "
-           "queue at the end, likely a copy put back twice (kombu's restore on channel close and "
-           "ours); to be tracked down")
 def test_redis_restart_with_default_options_resumes_within_seconds(
         persistent_redis: PersistentRedis, make_project: MakeProject,
         fault_report: list[ledger.Tally]) -> None:

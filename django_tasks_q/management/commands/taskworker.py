@@ -8,7 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_tasks_q.worker.main import Worker, WorkerOptions, queues_from
+from django_tasks_q.worker.main import Worker, WorkerOptions, parse_autoscale, queues_from
 from django_tasks_q.worker.pool import POOLS
 
 
@@ -18,8 +18,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("-Q", "--queues", help="Comma-separated queues (default: QUEUES).")
-        parser.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
+        parser.add_argument("-c", "--concurrency", type=int, default=None,
                             help="Number of pool processes or threads (default: CPU count).")
+        parser.add_argument("--autoscale", metavar="MAX,MIN", default=None,
+                            help="Prefork only: start MIN children, grow up to MAX while work "
+                                 "waits, shrink back after AUTOSCALE_KEEPALIVE seconds idle. "
+                                 "Overrides -c.")
         parser.add_argument("-P", "--pool", choices=sorted(POOLS), default="prefork")
         parser.add_argument("-l", "--loglevel", default="INFO",
                             help="DEBUG, INFO, WARNING, ERROR (default INFO).")
@@ -46,14 +50,22 @@ class Command(BaseCommand):
         logging.basicConfig(level=level,
                             format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
         logging.getLogger("django_tasks_q").setLevel(level)
+        concurrency, scale = options["concurrency"], options["autoscale"]
         try:
+            autoscale = parse_autoscale(scale) if scale is not None else None
             worker = Worker(WorkerOptions(
-                queues=queues_from(options["queues"]), concurrency=options["concurrency"],
-                pool=options["pool"], hostname=options["hostname"],
+                queues=queues_from(options["queues"]),
+                concurrency=concurrency if concurrency is not None else os.cpu_count() or 1,
+                autoscale=autoscale, pool=options["pool"], hostname=options["hostname"],
                 prefetch_multiplier=options["prefetch_multiplier"],
                 max_tasks_per_child=options["max_tasks_per_child"],
                 max_memory_per_child=options["max_memory_per_child"],
                 time_limit=options["time_limit"], soft_time_limit=options["soft_time_limit"]))
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
+        if autoscale is not None and concurrency is not None:
+            # As with Celery, the range sizes the pool; said once rather than silently.
+            logging.getLogger("django_tasks_q.worker").warning(
+                "-c/--concurrency %d is ignored: --autoscale %d,%d sizes the pool",
+                concurrency, *autoscale)
         worker.run()
