@@ -111,6 +111,24 @@ def test_publish_consume_ack(connect: Connect, qname: str) -> None:
     assert not QueueMessage.objects.exists()
 
 
+def test_ack_many_deletes_every_row_in_one_go(connect: Connect, qname: str) -> None:
+    conn = connect()
+    queue = conn.SimpleQueue(qname)
+    for n in range(3):
+        queue.put(n)
+    queue.put("kept")
+    got = [queue.get(timeout=2) for _ in range(3)]
+    channel = got[0].channel
+    channel.qos.ack_many([m.delivery_tag for m in got])
+    assert QueueMessage.objects.count() == 1
+    channel.qos._flush()  # kombu forgets acknowledged tags lazily
+    assert not channel.qos._delivered.keys() & {m.delivery_tag for m in got}
+    last = queue.get(timeout=2)
+    assert last.payload == "kept"
+    last.ack()
+    assert not QueueMessage.objects.exists()
+
+
 def test_reject_with_requeue_redelivers_at_once(connect: Connect, qname: str) -> None:
     queue = connect().SimpleQueue(qname)
     queue.put("again")
