@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 import pickle
-import threading
 from typing import Any
 
 import pytest
 from kombu import Connection, Producer
 
 from django_tasks_q import AsyncResult, broker, message
-from django_tasks_q.execute import Outcome
 from django_tasks_q.models import TaskResult
 from django_tasks_q.worker.consumer import Consumer
 from django_tasks_q.worker.main import Worker, WorkerOptions
 from django_tasks_q.worker.pool import POOLS, Job
 
 from . import tasks
+from .running import run_consumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,28 +29,10 @@ def _empty_queue() -> None:
 
 def run_until(pool_name: str, expected: int, timeout: float = 15.0) -> list[tuple[str, str]]:
     """Run a consumer on queue ``default`` until ``expected`` jobs finished."""
-    done: list[tuple[str, str]] = []
     pool = POOLS[pool_name](2, "t", on_done=lambda j, o: None)
     consumer = Consumer(["default"], pool, "t", prefetch=4)
-    settle = consumer.on_done
-
-    def on_done(job: Job, outcome: Outcome) -> None:
-        done.append((job.msg.name, outcome.status))
-        settle(job, outcome)
-        if len(done) >= expected:
-            consumer.stopping = True
-
-    consumer.on_done = on_done  # type: ignore[method-assign]
-    pool.on_done = on_done
-    timer = threading.Timer(timeout, lambda: setattr(consumer, "cold", True))
-    timer.start()
-    pool.start()
-    try:
-        consumer.run()
-    finally:
-        timer.cancel()
-        pool.stop()
-    return done
+    return [(job.msg.name, outcome.status)
+            for job, outcome in run_consumer(consumer, expected, timeout)]
 
 
 def raw_publish(body: Any, headers: dict[str, Any], **kw: Any) -> None:

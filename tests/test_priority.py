@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from bisect import bisect
@@ -17,14 +16,14 @@ from django.utils import timezone
 from kombu import Connection, Consumer, Exchange, Queue
 
 from django_tasks_q import broker, client, message
-from django_tasks_q.execute import Outcome
 from django_tasks_q.models import ParkedMessage
 from django_tasks_q.worker.consumer import Consumer as WorkerConsumer
 from django_tasks_q.worker.parking import Parking
-from django_tasks_q.worker.pool import Job, SoloPool
+from django_tasks_q.worker.pool import SoloPool
 
 from . import tasks
 from .conftest import require
+from .running import run_consumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -97,27 +96,10 @@ def receive_one_at_a_time(qname: str, n: int, timeout: float = 15.0) -> list[Any
 def run_worker(queues: list[str], expected: int, timeout: float = 30.0
                ) -> list[tuple[message.TaskMessage, str]]:
     """Run the worker's consumer (solo pool, prefetch 1) until ``expected`` jobs finished."""
-    done: list[tuple[message.TaskMessage, str]] = []
     pool = SoloPool(1, "priority", on_done=lambda j, o: None)
     consumer = WorkerConsumer(queues, pool, "priority", prefetch=1)
-    settle = consumer.on_done
-
-    def on_done(job: Job, outcome: Outcome) -> None:
-        done.append((job.msg, outcome.status))
-        settle(job, outcome)
-        if len(done) >= expected:
-            consumer.stopping = True
-
-    pool.on_done = on_done
-    timer = threading.Timer(timeout, lambda: setattr(consumer, "cold", True))
-    timer.start()
-    pool.start()
-    try:
-        consumer.run()
-    finally:
-        timer.cancel()
-        pool.stop()
-    return done
+    return [(job.msg, outcome.status)
+            for job, outcome in run_consumer(consumer, expected, timeout)]
 
 
 def test_higher_priority_is_delivered_first(target: str, qname: str) -> None:

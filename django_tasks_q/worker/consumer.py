@@ -488,9 +488,7 @@ class Consumer:
                 msg, retries=msg.retries + 1, headers=headers,
                 eta=datetime.fromisoformat(outcome.retry_eta) if outcome.retry_eta else None))
         elif status == execute.REQUEUE:
-            # Not at once: when the database is down, an instant requeue only spins; meanwhile
-            # the message stays unacknowledged, so nothing is lost.
-            self.hub.call_later(REQUEUE_DELAY, self._settle, job, REQUEUE)
+            self._requeue_later(job)
         elif status == LOST:
             self._on_lost(job, outcome)
         else:
@@ -541,9 +539,14 @@ class Consumer:
             # Unacknowledged, the message comes back: the outcome is not lost.
             self._database_failed(f"Could not store the failure of {job.msg.name}"
                                   f"[{job.msg.id}]; giving it back", error)
-            self.hub.call_later(REQUEUE_DELAY, self._settle, job, REQUEUE)
+            self._requeue_later(job)
             return
         self._settle(job, ACK)
+
+    def _requeue_later(self, job: Job) -> None:
+        # Not at once: when the database is down, an instant requeue only spins; meanwhile
+        # the message stays unacknowledged, so nothing is lost.
+        self.hub.call_later(REQUEUE_DELAY, self._settle, job, REQUEUE)
 
     def _settle(self, job: Job, how: str) -> None:
         """Acknowledge (``ACK``), give back (``REQUEUE``) or drop (``DROP``) job's message."""
