@@ -16,6 +16,7 @@ from kombu.transport import redis as kombu_redis
 
 from . import conf
 from .exceptions import EnqueueError
+from .transport import redis as redis_transport
 
 TRANSPORT_ALIASES.setdefault("django", "django_tasks_q.transport.django:Transport")
 
@@ -135,6 +136,10 @@ def connection(url: str | None = None, options: dict[str, Any] | None = None) ->
         transport_options.setdefault("visibility_timeout", REDIS_VISIBILITY_TIMEOUT)
         transport_options.setdefault("unacked_restore_interval", 5)
         transport_options.setdefault("unacked_restore_throttle", 2)
+        # Our transport takes a message off its queue and records it as unacked in one step
+        # (transport/redis.py); the URL is still read as kombu reads it (rediss:// means TLS).
+        return Connection(url, transport=redis_transport.Transport, ssl=Connection(url).ssl,
+                          transport_options=transport_options)
     return Connection(url, transport_options=transport_options)
 
 

@@ -1,0 +1,193 @@
+"""Our Redis transport: a message leaves its queue and is recorded as unacked in one step."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Consumer
+from kombu.utils.json import loads
+
+from django_tasks_q import broker, message
+from django_tasks_q.transport import redis as redis_transport
+
+pytestmark = pytest.mark.broker
+
+
+class Killed(BaseException):
+    """Stands for the worker dying at the worst moment: the message taken, nothing done yet."""
+
+
+@pytest.fixture
+def redis_client(redis_url: str, settings: Any) -> redis.Redis:
+    settings.TASKS_Q = {"BROKER_URL": redis_url, "BROKER_OPTIONS": {}}
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def qname(redis_client: redis.Redis) -> Iterator[str]:
+    yield f"atomic-{uuid.uuid4().hex[:8]}"
+    broker.publisher().close()
+
+
+def publish(qname: str, n: int, priority: int | None = None) -> list[str]:
+    ids = []
+    for _ in range(n):
+        msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.multiply", args=[2, 3],
+                                  kwargs={}, queue=qname, priority=priority)
+        body, headers, props = message.encode(msg)
+        broker.publisher().publish(body, headers, props, qname, priority)
+        ids.append(msg.id)
+    return ids
+
+
+def consumer(conn: Any, qname: str, on_message: Any, prefetch: int) -> Consumer:
+    channel = conn.channel()
+    assert isinstance(channel, redis_transport.Channel)
+    c = Consumer(channel, [broker.queue(qname)], accept=["json"], on_message=on_message,
+                 prefetch_count=prefetch)
+    c.consume()
+    return c
+
+
+def drain_once(conn: Any) -> None:
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=2)
+
+
+def waiting(client: redis.Redis, qname: str, prefix: str = "") -> int:
+    """Messages ready in ``qname``, over all its priority lists."""
+    return sum(client.llen(key) for key in client.keys(f"{prefix}{qname}*"))
+
+
+def unacked(client: redis.Redis) -> dict[bytes, bytes]:
+    return client.hgetall("unacked")
+
+
+def test_a_taken_message_is_unacked_before_anything_else_happens(
+        redis_client: redis.Redis, qname: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # kombu's own transport would have popped it and not recorded it yet: lost for good.
+    ids = publish(qname, 1)
+    with broker.connection() as conn:
+        consumer(conn, qname, lambda m: None, prefetch=1)
+
+        def die(*args: Any) -> None:
+            raise Killed
+
+        monkeypatch.setattr(conn.transport, "_deliver", die)
+        with pytest.raises(Killed):
+            drain_once(conn)
+    assert waiting(redis_client, qname) == 0
+    entries = unacked(redis_client)
+    assert len(entries) == 1
+    raw, exchange, routing_key = loads(next(iter(entries.values())))
+    assert raw["headers"]["id"] == ids[0]
+    assert routing_key == qname
+    assert redis_client.zcard("unacked_index") == 1
+
+    # A later worker gives it back once its visibility timeout has passed, and runs it.
+    monkeypatch.undo()
+    with broker.connection(options={"visibility_timeout": 0}) as conn:
+        conn.default_channel.qos.restore_visible()
+        got: list[Any] = []
+        consumer(conn, qname, got.append, prefetch=1)
+        drain_once(conn)
+        assert [m.headers["id"] for m in got] == ids
+        got[0].ack()
+    assert unacked(redis_client) == {} and waiting(redis_client, qname) == 0
+
+
+def test_one_round_trip_takes_up_to_the_free_prefetch_in_priority_order(
+        redis_client: redis.Redis, qname: str) -> None:
+    low = publish(qname, 4)
+    high = publish(qname, 2, priority=9)
+    with broker.connection() as conn:
+        got: list[Any] = []
+        consumer(conn, qname, got.append, prefetch=3)
+        drain_once(conn)
+        assert [m.headers["id"] for m in got] == [*high, low[0]]
+        assert len(unacked(redis_client)) == 3
+        assert waiting(redis_client, qname) == 3
+        for m in got:
+            m.ack()
+        assert unacked(redis_client) == {}
+        # Credit is back: the rest arrive, still recorded before they are handed over.
+        got.clear()
+        drain_once(conn)
+        assert [m.headers["id"] for m in got] == low[1:]
+        assert len(unacked(redis_client)) == 3
+
+
+def test_a_rejected_message_comes_back_once_and_an_acked_one_is_gone(
+        redis_client: redis.Redis, qname: str) -> None:
+    ids = publish(qname, 2)
+    with broker.connection() as conn:
+        got: list[Any] = []
+        consumer(conn, qname, got.append, prefetch=1)
+        drain_once(conn)
+        rejected = got[0].headers["id"]
+        got[0].reject(requeue=True)
+        assert unacked(redis_client) == {} and waiting(redis_client, qname) == 2
+        seen = []
+        for _ in range(2):
+            got.clear()
+            drain_once(conn)
+            seen.append(got[0].headers["id"])
+            got[0].ack()
+        assert sorted(seen) == sorted(ids) and rejected in seen
+    assert unacked(redis_client) == {} and waiting(redis_client, qname) == 0
+
+
+def test_the_script_is_loaded_again_after_the_server_forgets_it(
+        redis_client: redis.Redis, qname: str) -> None:
+    ids = publish(qname, 2)
+    with broker.connection() as conn:
+        got: list[Any] = []
+        consumer(conn, qname, got.append, prefetch=1)
+        drain_once(conn)
+        got[0].ack()
+        redis_client.script_flush()
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            drain_once(conn)
+        assert [m.headers["id"] for m in got] == ids
+        got[1].ack()
+    assert unacked(redis_client) == {}
+
+
+def test_a_waiting_consumer_gets_a_message_published_later(
+        redis_client: redis.Redis, qname: str) -> None:
+    with broker.connection() as conn:
+        got: list[Any] = []
+        consumer(conn, qname, got.append, prefetch=4)
+        drain_once(conn)  # every queue empty: the channel now blocks in BRPOP
+        assert got == []
+        ids = publish(qname, 1)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            drain_once(conn)
+        assert [m.headers["id"] for m in got] == ids
+        assert len(unacked(redis_client)) == 1
+        got[0].ack()
+    assert unacked(redis_client) == {}
+
+
+def test_a_global_key_prefix_applies_to_every_key_the_script_touches(
+        redis_client: redis.Redis, qname: str, settings: Any) -> None:
+    settings.TASKS_Q = {**settings.TASKS_Q, "BROKER_OPTIONS": {"global_keyprefix": "pfx:"}}
+    ids = publish(qname, 1)
+    assert waiting(redis_client, qname, "pfx:") == 1
+    with broker.connection() as conn:
+        got: list[Any] = []
+        consumer(conn, qname, got.append, prefetch=1)
+        drain_once(conn)
+        assert [m.headers["id"] for m in got] == ids
+        assert redis_client.hlen("pfx:unacked") == 1
+        assert redis_client.zcard("pfx:unacked_index") == 1
+        got[0].ack()
+    assert redis_client.hlen("pfx:unacked") == 0 and waiting(redis_client, qname, "pfx:") == 0
