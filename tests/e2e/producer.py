@@ -58,25 +58,36 @@ class Producer:
     def op_send_many(self, name: str, count: int, countdown: float, queue: str) -> int:
         """Send ``count`` messages of ``name`` (args ``[i, i]``) due in ``countdown`` seconds.
 
-        In bulk, for tests that need many messages in the queue: without publisher confirms
-        (AMQP) and in one transaction (django://). The queue must exist (a worker declared it).
+        In bulk, for tests that need many messages in the queue. On AMQP without a confirm per
+        message, then one round trip on the same channel that returns only once RabbitMQ has
+        routed every one of them. On django:// the rows are inserted a thousand per statement,
+        each batch committed on its own so workers consume meanwhile. The queue must exist (a
+        worker declared it).
         """
         from datetime import timedelta
 
-        from django.db import transaction
         from django.utils import timezone
         from kombu import Producer as KombuProducer
+        from kombu.utils.json import dumps
 
         from django_tasks_q import broker, conf, message
+        from django_tasks_q.models import QueueMessage
 
         eta = timezone.now() + timedelta(seconds=countdown)
         options = {**conf.get().BROKER_OPTIONS, "confirm_publish": False}
-        embedded = conf.get().BROKER_URL.startswith("django://")
-        # Only the embedded broker writes to the database (elsewhere an open transaction
-        # would only hold SQLite's write lock against the worker).
-        atomic = transaction.atomic() if embedded else contextlib.nullcontext()
-        with broker.connection(options=options) as conn, atomic:
-            producer = KombuProducer(conn, auto_declare=False)
+        with broker.connection(options=options) as conn:
+            channel = conn.default_channel
+            embedded = conn.transport_cls == "django"
+            rows: list[QueueMessage] = []
+            if embedded:
+                # Published as usual, but stored here rather than one INSERT at a time.
+                def put(queue: str, payload: dict[str, Any], **kwargs: Any) -> None:
+                    rows.append(QueueMessage(queue=queue, payload=dumps(payload),
+                                             visible_at=timezone.now(),
+                                             priority=channel._get_message_priority(payload)))
+
+                channel._put = put
+            producer = KombuProducer(channel, auto_declare=False)
             for i in range(count):
                 msg = message.TaskMessage(id=message.new_id(), name=name, args=[i, i],
                                           kwargs={}, queue=queue, eta=eta)
@@ -84,6 +95,12 @@ class Producer:
                 producer.publish(body, exchange="", routing_key=queue, headers=headers,
                                  content_type="application/json", content_encoding="utf-8",
                                  delivery_mode=2, **properties)
+            if embedded:
+                for first in range(0, len(rows), 1000):
+                    QueueMessage.objects.bulk_create(rows[first:first + 1000])
+            elif conn.transport.driver_type == "amqp":
+                # Frames of a channel are handled in order: this answer comes after them all.
+                channel.queue_declare(queue=queue, passive=True)
         return count
 
     def op_send_due(self, name: str, args: list[Any], seconds: float, queue: str) -> str:

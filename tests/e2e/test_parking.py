@@ -20,7 +20,7 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-@pytest.mark.parametrize("project", ["redis"], indirect=True)
+@pytest.mark.parametrize("project", ["redis", "amqp", "django-sqlite"], indirect=True)
 def test_parked_tasks_do_not_grow_the_workers_memory(project: Project) -> None:
     worker = project.worker(concurrency=1)
     project.wait_results([project.send(ADD, 0, 0)], timeout=10)  # warmed up
@@ -29,8 +29,18 @@ def test_parked_tasks_do_not_grow_the_workers_memory(project: Project) -> None:
 
     project.producer.call("send_many", timeout=300, name=ADD, count=PARKED, countdown=3600,
                           queue=project.queue)
-    wait_for(lambda: project.producer.call("parked_count") == PARKED, 300,
-             f"{PARKED} messages to be parked", project.logs)
+    parked = 0
+
+    def all_parked() -> bool:
+        nonlocal parked
+        parked = project.producer.call("parked_count")
+        return parked == PARKED
+
+    try:
+        wait_for(all_parked, 300, f"{PARKED} messages to be parked", interval=1)
+    except AssertionError:
+        raise AssertionError(f"{parked} parked, {project.count()} still with the broker, "
+                             f"{PARKED} sent\n{project.logs()}") from None
 
     after = rss_mib(worker.proc.pid)
     assert after - before < 40, f"worker grew from {before:.0f} to {after:.0f} MiB"
