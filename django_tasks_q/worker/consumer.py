@@ -35,6 +35,7 @@ RELEASE_INTERVAL = 1.0  # seconds between looks for parked messages that are due
 ACK, REQUEUE, DROP = "ack", "requeue", "drop"  # how a message is settled
 REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be stored goes back
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
+POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take
 WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
 WATCHDOG_STRIKES = 2  # looks in a row that find work waiting and nothing received
 
@@ -248,8 +249,10 @@ class Consumer:
         return total
 
     def _poll(self) -> None:
-        # Transports without an event-loop integration (django://, memory://) are polled.
-        for _ in range(self._window()):
+        # Transports without an event-loop integration (django://, memory://) are polled. The
+        # prefetch window bounds what is taken (it widens while messages wait to be parked);
+        # POLL_MOST only keeps one poll from holding up the event loop for long.
+        for _ in range(POLL_MOST):
             if self.stopping or self.kombu is None or len(self.buffer) >= self.prefetch:
                 return
             try:
