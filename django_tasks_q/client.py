@@ -155,8 +155,9 @@ def run_eager(task: Task[Any, Any], msg: message.TaskMessage) -> AsyncResult:
                                exc=outcome.exc, traceback=outcome.traceback)
 
 
-def publish(msg: message.TaskMessage, body: str | None = None) -> None:
-    """Publish ``msg`` now, or when the current transaction commits (``ENQUEUE_ON_COMMIT``)."""
+def publish(msg: message.TaskMessage, body: str | None = None, defer: bool = True) -> None:
+    """Publish ``msg`` now, or when the current transaction commits (``ENQUEUE_ON_COMMIT``;
+    ``defer=False`` publishes now in any case)."""
     encoded, headers, properties = message.encode(msg, body)
 
     def do_publish() -> None:
@@ -167,7 +168,7 @@ def publish(msg: message.TaskMessage, body: str | None = None) -> None:
                                         routing_key=msg.queue)
 
     cfg = conf.get()
-    if (cfg.ENQUEUE_ON_COMMIT and transaction.get_connection().in_atomic_block
+    if (defer and cfg.ENQUEUE_ON_COMMIT and transaction.get_connection().in_atomic_block
             and not _in_same_database(cfg)):
         transaction.on_commit(do_publish)
     else:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.utils import timezone
 
+from . import conf, schedules
 from .states import READY_STATES, TaskState
 
-__all__ = ["READY_STATES", "ParkedMessage", "PeriodicTask", "QueueMessage", "TaskResult",
-           "TaskState"]
+__all__ = ["READY_STATES", "ParkedMessage", "PeriodicRun", "PeriodicTask", "QueueMessage",
+           "SchedulerLease", "TaskResult", "TaskState"]
 
 
 class TaskResult(models.Model):
@@ -43,26 +47,124 @@ class TaskResult(models.Model):
 class PeriodicTask(models.Model):
     """A schedule: a crontab, an interval or a one-off time at which a task is sent."""
 
+    class CatchUp(models.TextChoices):
+        ONCE = "once", "run once for all missed slots"
+        SKIP = "skip", "skip missed slots"
+
     name = models.CharField(max_length=200, unique=True)
     task = models.CharField(max_length=255)
     crontab = models.CharField(max_length=120, blank=True,
                                help_text="Five fields: minute hour day-of-month month day-of-week.")
     interval = models.DurationField(null=True, blank=True)
-    run_at = models.DateTimeField(null=True, blank=True)
-    timezone = models.CharField(max_length=64, blank=True)
+    run_at = models.DateTimeField(null=True, blank=True,
+                                  help_text="A one-off: sent once at this time, then disabled.")
+    timezone = models.CharField(max_length=64, blank=True,
+                                help_text="Zone the crontab is read in; default TASKS_Q TIMEZONE.")
     args = models.JSONField(default=list, blank=True)
     kwargs = models.JSONField(default=dict, blank=True)
     queue = models.CharField(max_length=200, blank=True)
     priority = models.PositiveSmallIntegerField(null=True, blank=True)
+    expires = models.DurationField(
+        null=True, blank=True, help_text="The task is not run if it starts this long after its "
+                                         "slot (a worker backlog, or all workers down).")
+    catch_up = models.CharField(
+        max_length=10, choices=CatchUp.choices, default=CatchUp.ONCE,
+        help_text="What happens to slots missed while no scheduler was running.")
+    description = models.TextField(blank=True)
     enabled = models.BooleanField(default=True)
-    last_run_at = models.DateTimeField(null=True, blank=True)
-    total_run_count = models.PositiveIntegerField(default=0)
+    from_code = models.BooleanField(
+        default=False, editable=False,
+        help_text="Defined in TASKS_Q BEAT_SCHEDULE: synced from there when taskbeat starts.")
+    next_run_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_run_at = models.DateTimeField(null=True, blank=True, editable=False)
+    total_run_count = models.PositiveIntegerField(default=0, editable=False)
+
+    #: The fields that say when it runs: a change to any of them starts its timetable afresh.
+    TIMETABLE = ("crontab", "interval", "run_at", "timezone", "enabled")
 
     class Meta:
         verbose_name = "periodic task"
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save; a new or changed timetable gets its next run worked out again."""
+        before = (type(self).objects.filter(pk=self.pk).values(*self.TIMETABLE).first()
+                  if self.pk is not None else None)
+        if before is None or any(before[f] != getattr(self, f) for f in self.TIMETABLE):
+            self.next_run_at = self.first_run(timezone.now()) if self.enabled else None
+            fields = kwargs.get("update_fields")
+            if fields is not None:
+                kwargs["update_fields"] = {*fields, "next_run_at"}
+        super().save(*args, **kwargs)
+
+    def schedule(self) -> schedules.Schedule:
+        """The schedule this row describes; ValueError naming the problem if it is not one."""
+        kind = self._timetable()
+        if kind == "crontab":
+            return schedules.Crontab(self.crontab,
+                                     schedules.zone(self.timezone or conf.get().TIMEZONE))
+        if kind == "interval":
+            assert self.interval is not None
+            anchor = self.next_run_at or self.first_run(timezone.now())
+            assert anchor is not None
+            return schedules.Interval(self.interval, anchor)
+        assert self.run_at is not None
+        return schedules.Once(self.run_at)
+
+    def first_run(self, now: datetime) -> datetime | None:
+        """The first slot of a new (or newly changed, or re-enabled) timetable: the next crontab
+        time, at once or one interval after the last run, or the one-off time."""
+        kind = self._timetable()
+        if kind == "interval":
+            assert self.interval is not None
+            return self.last_run_at + self.interval if self.last_run_at else now
+        if kind == "run_at":
+            return self.run_at
+        return self.schedule().next_after(now)
+
+    def _timetable(self) -> str:
+        given = [name for name, value in (("crontab", self.crontab), ("interval", self.interval),
+                                          ("run_at", self.run_at)) if value not in ("", None)]
+        if len(given) != 1:
+            raise ValueError(f"periodic task {self.name!r} needs exactly one of crontab, "
+                             f"interval and run_at; it has {', '.join(given) or 'none'}")
+        return given[0]
+
+
+class PeriodicRun(models.Model):
+    """One slot of a schedule that was sent: the database holds each slot once, so however many
+    schedulers run, none sends a slot twice."""
+
+    periodic_task = models.ForeignKey(PeriodicTask, on_delete=models.CASCADE,
+                                      related_name="runs")
+    slot = models.DateTimeField()
+    task_id = models.CharField(max_length=255)
+    sent_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "periodic run"
+        constraints = [models.UniqueConstraint(fields=["periodic_task", "slot"],
+                                               name="dtq_periodic_slot_once")]
+        ordering = ("-slot",)
+
+    def __str__(self) -> str:
+        return f"{self.periodic_task_id} at {self.slot:%Y-%m-%d %H:%M:%S}"
+
+
+class SchedulerLease(models.Model):
+    """Which taskbeat process leads: the one whose lease has not run out."""
+
+    name = models.CharField(max_length=100, unique=True)
+    holder = models.CharField(max_length=255)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "scheduler lease"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.holder} until {self.expires_at:%H:%M:%S}"
 
 
 class QueueMessage(models.Model):

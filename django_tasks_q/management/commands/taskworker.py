@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_tasks_q.management import configure_logging
 from django_tasks_q.worker.main import Worker, WorkerOptions, parse_autoscale, queues_from
 from django_tasks_q.worker.pool import POOLS
 
@@ -43,13 +44,7 @@ class Command(BaseCommand):
                                  "SoftTimeLimitExceeded inside the task).")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        level = str(options["loglevel"]).upper()
-        if not isinstance(logging.getLevelName(level), int):
-            raise CommandError(f"Unknown log level {options['loglevel']!r}; "
-                               f"use DEBUG, INFO, WARNING or ERROR")
-        logging.basicConfig(level=level,
-                            format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
-        logging.getLogger("django_tasks_q").setLevel(level)
+        configure_logging(options["loglevel"])
         concurrency, scale = options["concurrency"], options["autoscale"]
         try:
             autoscale = parse_autoscale(scale) if scale is not None else None
