@@ -12,7 +12,7 @@ SCHEMES = ("django", "redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E001 bad value, W001 unknown key."""
+    """E001 bad value, W001 unknown key, E002-E006 particular settings."""
     try:
         cfg = conf.get()
     except (TypeError, ValueError) as exc:
@@ -43,6 +43,24 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             hint="Use a number of seconds above 0: how long an extra pool child may stay idle "
                  "before taskworker --autoscale lets it go.",
             id="django_tasks_q.E005"))
+    found.extend(_check_beat_schedule(cfg.BEAT_SCHEDULE))
+    return found
+
+
+def _check_beat_schedule(entries: Any) -> list[checks.CheckMessage]:
+    from .beat import code_entry  # the models are loaded by the time checks run
+
+    if not isinstance(entries, dict):
+        return [checks.Error(f"TASKS_Q['BEAT_SCHEDULE'] is {type(entries).__name__}.",
+                             hint="Use a dict: schedule name -> {'task': ..., 'schedule': ...}.",
+                             id="django_tasks_q.E006")]
+    found: list[checks.CheckMessage] = []
+    for name, entry in entries.items():
+        try:
+            code_entry(name, entry)
+        except ValueError as exc:
+            found.append(checks.Error(str(exc), hint="See the Periodic tasks page of the docs.",
+                                      id="django_tasks_q.E006"))
     return found
 
 

@@ -41,3 +41,15 @@ def test_bad_values_are_errors() -> None:
 def test_queues_default_to_the_default_queue() -> None:
     with override_settings(TASKS_Q={"DEFAULT_QUEUE": "main"}):
         assert conf.get().QUEUES == ["main"]
+
+
+def test_a_beat_schedule_entry_that_is_not_a_schedule_is_an_error() -> None:
+    good = {"task": "tests.tasks.multiply", "schedule": "*/5 * * * *"}
+    with override_settings(TASKS_Q={"BEAT_SCHEDULE": {"ok": good, "bad": {
+            "task": "tests.tasks.multiply", "schedule": "every day"}}}):
+        [error] = checks.check_settings()
+    assert error.id == "django_tasks_q.E006"
+    assert """TASKS_Q["BEAT_SCHEDULE"]['bad']["schedule"]""" in error.msg
+    assert "2 field(s)" in error.msg
+    with override_settings(TASKS_Q={"BEAT_SCHEDULE": ["not", "a", "dict"]}):
+        assert [m.id for m in checks.check_settings()] == ["django_tasks_q.E006"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 from .. import broker, conf, registry, signals
+from ..beat import Beat
+from .child import drop_inherited_db_connections
 from .consumer import Consumer
 from .pool import POOLS
 
@@ -31,6 +34,7 @@ class WorkerOptions:
     time_limit: float | None = None
     soft_time_limit: float | None = None
     autoscale: tuple[int, int] | None = None  # (MAX, MIN) prefork children; wins over concurrency
+    beat: bool = False  # run taskbeat in a process of its own beside the worker (-B)
 
 
 def default_hostname() -> str:
@@ -67,6 +71,7 @@ class Worker:
                                  soft_time_limit=options.soft_time_limit)
         self.consumer.on_ready = self._ready
         self._signals = 0
+        self._beat_pid: int | None = None
 
     def _ready(self) -> None:
         pool = self.pool
@@ -94,6 +99,8 @@ class Worker:
 
     def run(self) -> int:
         """Run until shut down; returns the exit status."""
+        if self.options.beat:
+            self._beat_pid = _fork_beat(self.hostname)  # before any signal handling of ours
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -108,12 +115,38 @@ class Worker:
                 self.pool.kill()
             else:
                 self.pool.stop()
+            if self._beat_pid is not None:
+                _stop_beat(self._beat_pid)
             signal.set_wakeup_fd(previous)
             os.close(wake_r)
             os.close(wake_w)
             signals.worker_shutdown.send(sender=self)
             logger.info("%s stopped", self.hostname)
         return 0
+
+
+def _fork_beat(hostname: str) -> int:
+    """Start taskbeat in a child process (``-B``); its pid."""
+    pid = os.fork()
+    if pid:
+        logger.info("Started taskbeat beside the worker (pid %d)", pid)
+        return pid
+    status = 1
+    try:
+        drop_inherited_db_connections()
+        Beat(f"beat@{hostname}").run()
+        status = 0
+    except BaseException:  # noqa: BLE001 - a forked child must never return into the worker
+        logger.exception("taskbeat beside the worker failed")
+    finally:
+        os._exit(status)
+
+
+def _stop_beat(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def _drain(fd: int) -> None:

@@ -163,6 +163,22 @@ class Worker:
         return self.proc.returncode
 
 
+class Beat(Worker):
+    """One ``manage.py taskbeat`` process and its log file."""
+
+    ready_pattern = r"\bready: \d+ schedule"
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(["-n", name, "-l", "INFO"], env, log_path, name,
+                         command=("manage.py", "taskbeat"))
+
+    @property
+    def leads(self) -> bool:
+        """True when its log says it leads, and has not said it stands by since."""
+        log = self.log
+        return log.rfind(" leads:") > log.rfind(" stands by")
+
+
 class ProducerClient:
     """The test's end of ``tests/e2e/producer.py``: one JSON command, one JSON answer."""
 
@@ -244,6 +260,13 @@ class Project:
         self.workers.append(worker)
         self.producer  # noqa: B018 - starts the helper while the worker starts
         return worker.wait_ready() if ready else worker
+
+    def beat(self, ready: bool = True) -> Beat:
+        """Start a ``taskbeat`` on this project's database and broker."""
+        name = f"b{next(_counter)}.{self.broker}@e2e"
+        beat = Beat(name, self.env, self.tmp / f"{name}.log")
+        self.workers.append(beat)
+        return beat.wait_ready() if ready else beat
 
     @property
     def producer(self) -> ProducerClient:

@@ -157,6 +157,35 @@ class Producer:
 
         AsyncResult(task_id).revoke(terminate=terminate)
 
+    def op_create_schedule(self, name: str, task: str, args: list[Any], queue: str,
+                           interval: float | None = None, crontab: str = "") -> int:
+        """A new ``PeriodicTask`` (an interval in seconds, or a crontab); returns its pk."""
+        from datetime import timedelta
+
+        from django_tasks_q.models import PeriodicTask
+
+        row = PeriodicTask.objects.create(
+            name=name, task=task, args=args, queue=queue, crontab=crontab,
+            interval=timedelta(seconds=interval) if interval is not None else None)
+        return row.pk
+
+    def op_periodic_runs(self, name: str) -> list[dict[str, Any]]:
+        """The runs of periodic task ``name`` sent so far, oldest slot first."""
+        from django_tasks_q.models import PeriodicRun
+
+        return list(PeriodicRun.objects.filter(periodic_task__name=name).order_by("slot")
+                    .values("slot", "task_id", "sent_at"))
+
+    def op_drain_ids(self, queue: str) -> list[str]:
+        """Take every message off ``queue`` (no worker runs them); their task ids."""
+        from django_tasks_q import broker
+
+        bound = broker.queue(queue, declared=True)(self.channel)
+        ids = []
+        while (msg := bound.get(no_ack=True)) is not None:
+            ids.append(msg.headers["id"])
+        return ids
+
     def op_count(self, queue: str) -> int:
         """Messages of ``queue`` held by the broker (for django://, in flight ones too)."""
         from django_tasks_q import broker

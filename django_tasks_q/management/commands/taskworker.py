@@ -39,6 +39,9 @@ class Command(BaseCommand):
         parser.add_argument("--time-limit", type=float, default=None,
                             help="Hard limit in seconds for tasks that set none (prefork: the "
                                  "child is killed and replaced).")
+        parser.add_argument("-B", "--beat", action="store_true",
+                            help="Also run taskbeat, in a process of its own (for development; "
+                                 "in production run manage.py taskbeat).")
         parser.add_argument("--soft-time-limit", type=float, default=None,
                             help="Soft limit in seconds for tasks that set none (raises "
                                  "SoftTimeLimitExceeded inside the task).")
@@ -55,7 +58,8 @@ class Command(BaseCommand):
                 prefetch_multiplier=options["prefetch_multiplier"],
                 max_tasks_per_child=options["max_tasks_per_child"],
                 max_memory_per_child=options["max_memory_per_child"],
-                time_limit=options["time_limit"], soft_time_limit=options["soft_time_limit"]))
+                time_limit=options["time_limit"], soft_time_limit=options["soft_time_limit"],
+                beat=options["beat"]))
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         if autoscale is not None and concurrency is not None:

@@ -1,0 +1,64 @@
+"""End-to-end: several real taskbeat processes; each slot is sent once; a standby takes over."""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import datetime
+
+import pytest
+
+from .conftest import Beat, Project, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+
+ADD = "testproject.testapp.tasks.add"
+LEASE_SECONDS = 6.0  # django_tasks_q.beat.LEASE_SECONDS
+
+
+@pytest.mark.parametrize("beats", [2, 3])
+@pytest.mark.parametrize("project", ["redis", "django-pg"], indirect=True)
+def test_several_beats_send_each_slot_once_and_a_standby_takes_over(project: Project,
+                                                                    beats: int) -> None:
+    project.producer.call("create_schedule", name="every-second", task=ADD, args=[1, 1],
+                          interval=1.0, queue=project.queue)
+    started: list[Beat] = [project.beat(ready=False) for _ in range(beats)]  # all at once
+    for beat in started:
+        beat.wait_ready()
+
+    def runs() -> list[dict[str, str]]:
+        return project.producer.call("periodic_runs", name="every-second")
+
+    def leaders() -> list[Beat]:
+        return [b for b in started if b.proc.poll() is None and b.leads]
+
+    [leader] = wait_for(lambda: leaders() if len(leaders()) == 1 else None, 15, "one leader",
+                        project.logs)
+    wait_for(lambda: len(runs()) >= 5, 20, "five runs", project.logs)
+
+    leader.signal(signal.SIGKILL)
+    killed_at = time.time()
+    before = len(runs())
+    [successor] = wait_for(lambda: leaders() or None, LEASE_SECONDS + 10, "a new leader",
+                           project.logs)
+    assert successor is not leader
+    wait_for(lambda: len(runs()) >= before + 5, 30, "five runs after the takeover",
+             project.logs)
+    for beat in started:
+        if beat is not leader:
+            beat.signal(signal.SIGTERM)
+    for beat in started:
+        if beat is not leader:
+            assert beat.wait_exit(10) == 0
+
+    sent = runs()
+    ids = project.producer.call("drain_ids", queue=project.queue)
+    assert sorted(ids) == sorted(r["task_id"] for r in sent), "a slot was published twice"
+    slots = [r["slot"] for r in sent]
+    assert len(set(slots)) == len(slots)
+    after_kill = [datetime.fromisoformat(r["sent_at"]).timestamp() for r in sent
+                  if datetime.fromisoformat(r["sent_at"]).timestamp() > killed_at]
+    recovery = after_kill[0] - killed_at
+    assert recovery < LEASE_SECONDS + 3, f"the standby took {recovery:.1f}s to send"
+    print(f"\n{beats} beats on {project.broker}: {len(sent)} slots sent once each; "
+          f"first slot after killing the leader sent {recovery:.1f}s later")
