@@ -78,6 +78,11 @@ TASKS_Q = {
     "BROKER_URL": env.str("TASKS_Q_BROKER_URL", default="django://"),
     # JSON, e.g. TASKS_Q_BROKER_OPTIONS='{"visibility_timeout": 300}'
     "BROKER_OPTIONS": env.json("TASKS_Q_BROKER_OPTIONS", default={}),
+    # Sent by `manage.py taskbeat` (or `taskworker -B`, as `manage.py demo` runs it).
+    "BEAT_SCHEDULE": {
+        "sales-report": {"task": "testproject.testapp.tasks.sales_report", "schedule": 60,
+                         "description": "Totals of the orders so far, every minute."},
+    },
     # Any other TASKS_Q key, as JSON, e.g. TASKS_Q_EXTRA='{"RESULTS": "all"}'
     **env.json("TASKS_Q_EXTRA", default={}),
 }

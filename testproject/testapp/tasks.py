@@ -92,3 +92,10 @@ def report_pid(seconds: float = 0) -> int:
     """Sleep ``seconds``, then return the id of the process that ran it (to watch the pool)."""
     time.sleep(seconds)
     return os.getpid()
+
+
+@task(results="all")
+def sales_report() -> dict[str, Any]:
+    """Totals of the orders so far: sent every minute by the scheduler (BEAT_SCHEDULE)."""
+    orders = Order.objects.all()
+    return {"orders": orders.count(), "total": str(sum(o.total for o in orders))}

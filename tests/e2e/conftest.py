@@ -85,7 +85,9 @@ def base_env(database_url: str, broker_url: str) -> dict[str, str]:
            if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "TASKS_Q_BROKER_URL")}
     env.update(DJANGO_SETTINGS_MODULE="testproject.settings", DATABASE_URL=database_url,
                TASKS_Q_BROKER_URL=broker_url, EMAIL_BACKEND="tests.e2e.mail.Backend",
-               PYTHONUNBUFFERED="1", DEBUG="false")
+               PYTHONUNBUFFERED="1", DEBUG="false",
+               # Not the example project's schedule: a test's beats send only the test's.
+               TASKS_Q_EXTRA='{"BEAT_SCHEDULE": {}}')
     return env
 
 

@@ -69,11 +69,12 @@ class Command(BaseCommand):
             return
 
         self.stdout.write(
-            self.style.MIGRATE_HEADING("Starting taskworker; Ctrl+C stops it after running tasks.")
+            self.style.MIGRATE_HEADING("Starting taskworker with its scheduler (-B: sales_report "
+                                       "every minute); Ctrl+C stops it after running tasks.")
         )
         # Worker processes are forked from this one: hand them no open database connection.
         connections.close_all()
-        call_command("taskworker", "--loglevel", "INFO")
+        call_command("taskworker", "--loglevel", "INFO", "--beat")
 
     def create_orders(self) -> list[Order]:
         orders = []
