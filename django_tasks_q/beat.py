@@ -124,10 +124,10 @@ class Beat:
         """Lead or stand by, once a second, until stopped (SIGTERM, SIGINT)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
-        count = sync_code_schedules()
+        from_code = sync_code_schedules()
         signals.beat_init.send(sender=self)
-        logger.info("%s ready: %d schedule(s) from BEAT_SCHEDULE, database %s", self.name,
-                    count, "default")
+        logger.info("%s ready: %d schedule(s) enabled, %d of them from BEAT_SCHEDULE", self.name,
+                    PeriodicTask.objects.filter(enabled=True).count(), from_code)
         while not self._stop.is_set():
             try:
                 if self.lead():

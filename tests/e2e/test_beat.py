@@ -38,6 +38,7 @@ def test_several_beats_send_each_slot_once_and_a_standby_takes_over(project: Pro
 
     leader.signal(signal.SIGKILL)
     killed_at = time.time()
+    assert leader.wait_exit(5) == -signal.SIGKILL
     before = len(runs())
     [successor] = wait_for(lambda: leaders() or None, LEASE_SECONDS + 10, "a new leader",
                            project.logs)
@@ -62,3 +63,20 @@ def test_several_beats_send_each_slot_once_and_a_standby_takes_over(project: Pro
     assert recovery < LEASE_SECONDS + 3, f"the standby took {recovery:.1f}s to send"
     print(f"\n{beats} beats on {project.broker}: {len(sent)} slots sent once each; "
           f"first slot after killing the leader sent {recovery:.1f}s later")
+
+
+@pytest.mark.parametrize("project", ["django-sqlite"], indirect=True)
+def test_a_worker_started_with_B_runs_the_schedules_itself(project: Project) -> None:
+    project.producer.call("create_schedule", name="every-2s", task=ADD, args=[2, 3],
+                          interval=2.0, queue=project.queue)
+    worker = project.worker("-B", concurrency=1)
+
+    def two_runs() -> list[dict[str, str]] | None:
+        runs = project.producer.call("periodic_runs", name="every-2s")
+        return runs if len(runs) >= 2 else None
+
+    runs = wait_for(two_runs, 15, "two runs", project.logs)
+    rows = project.wait_results([r["task_id"] for r in runs[:2]], timeout=10)
+    assert [row["result"] for row in rows.values()] == [5, 5]
+    assert worker.stop() == 0
+    assert worker.count(r"beat@\S+ leads") == 1 and worker.count(r"beat@\S+ stopped") == 1
