@@ -46,18 +46,25 @@ def publish(qname: str, n: int, priority: int | None = None) -> list[str]:
     return ids
 
 
-def consumer(conn: Any, qname: str, on_message: Any, prefetch: int) -> Consumer:
+def consume(conn: Any, qname: str, prefetch: int, on_message: Any = None) -> list[Any]:
+    """Consume ``qname`` on a channel of ours; the list the messages received are added to."""
+    got: list[Any] = []
     channel = conn.channel()
     assert isinstance(channel, redis_transport.Channel)
-    c = Consumer(channel, [broker.queue(qname)], accept=["json"], on_message=on_message,
-                 prefetch_count=prefetch)
-    c.consume()
-    return c
+    Consumer(channel, [broker.queue(qname)], accept=["json"], prefetch_count=prefetch,
+             on_message=on_message or got.append).consume()
+    return got
 
 
 def drain_once(conn: Any) -> None:
     with contextlib.suppress(TimeoutError):
         conn.drain_events(timeout=2)
+
+
+def drain_until(conn: Any, got: list[Any], count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(got) < count and time.monotonic() < deadline:
+        drain_once(conn)
 
 
 def waiting(client: redis.Redis, qname: str, prefix: str = "") -> int:
@@ -74,7 +81,7 @@ def test_a_taken_message_is_unacked_before_anything_else_happens(
     # kombu's own transport would have popped it and not recorded it yet: lost for good.
     ids = publish(qname, 1)
     with broker.connection() as conn:
-        consumer(conn, qname, lambda m: None, prefetch=1)
+        consume(conn, qname, prefetch=1, on_message=lambda m: None)
 
         def die(*args: Any) -> None:
             raise Killed
@@ -94,8 +101,7 @@ def test_a_taken_message_is_unacked_before_anything_else_happens(
     monkeypatch.undo()
     with broker.connection(options={"visibility_timeout": 0}) as conn:
         conn.default_channel.qos.restore_visible()
-        got: list[Any] = []
-        consumer(conn, qname, got.append, prefetch=1)
+        got = consume(conn, qname, prefetch=1)
         drain_once(conn)
         assert [m.headers["id"] for m in got] == ids
         got[0].ack()
@@ -107,8 +113,7 @@ def test_one_round_trip_takes_up_to_the_free_prefetch_in_priority_order(
     low = publish(qname, 4)
     high = publish(qname, 2, priority=9)
     with broker.connection() as conn:
-        got: list[Any] = []
-        consumer(conn, qname, got.append, prefetch=3)
+        got = consume(conn, qname, prefetch=3)
         drain_once(conn)
         assert [m.headers["id"] for m in got] == [*high, low[0]]
         assert len(unacked(redis_client)) == 3
@@ -127,8 +132,7 @@ def test_a_rejected_message_comes_back_once_and_an_acked_one_is_gone(
         redis_client: redis.Redis, qname: str) -> None:
     ids = publish(qname, 2)
     with broker.connection() as conn:
-        got: list[Any] = []
-        consumer(conn, qname, got.append, prefetch=1)
+        got = consume(conn, qname, prefetch=1)
         drain_once(conn)
         rejected = got[0].headers["id"]
         got[0].reject(requeue=True)
@@ -147,14 +151,11 @@ def test_the_script_is_loaded_again_after_the_server_forgets_it(
         redis_client: redis.Redis, qname: str) -> None:
     ids = publish(qname, 2)
     with broker.connection() as conn:
-        got: list[Any] = []
-        consumer(conn, qname, got.append, prefetch=1)
+        got = consume(conn, qname, prefetch=1)
         drain_once(conn)
         got[0].ack()
         redis_client.script_flush()
-        deadline = time.monotonic() + 5
-        while len(got) < 2 and time.monotonic() < deadline:
-            drain_once(conn)
+        drain_until(conn, got, 2)
         assert [m.headers["id"] for m in got] == ids
         got[1].ack()
     assert unacked(redis_client) == {}
@@ -163,14 +164,11 @@ def test_the_script_is_loaded_again_after_the_server_forgets_it(
 def test_a_waiting_consumer_gets_a_message_published_later(
         redis_client: redis.Redis, qname: str) -> None:
     with broker.connection() as conn:
-        got: list[Any] = []
-        consumer(conn, qname, got.append, prefetch=4)
+        got = consume(conn, qname, prefetch=4)
         drain_once(conn)  # every queue empty: the channel now blocks in BRPOP
         assert got == []
         ids = publish(qname, 1)
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            drain_once(conn)
+        drain_until(conn, got, 1)
         assert [m.headers["id"] for m in got] == ids
         assert len(unacked(redis_client)) == 1
         got[0].ack()
@@ -183,8 +181,7 @@ def test_a_global_key_prefix_applies_to_every_key_the_script_touches(
     ids = publish(qname, 1)
     assert waiting(redis_client, qname, "pfx:") == 1
     with broker.connection() as conn:
-        got: list[Any] = []
-        consumer(conn, qname, got.append, prefetch=1)
+        got = consume(conn, qname, prefetch=1)
         drain_once(conn)
         assert [m.headers["id"] for m in got] == ids
         assert redis_client.hlen("pfx:unacked") == 1
