@@ -50,7 +50,11 @@ def sync_code_schedules() -> int:
     with transaction.atomic():
         for name, entry in entries.items():
             fields = code_entry(name, entry)
-            row = PeriodicTask.objects.filter(name=name).first() or PeriodicTask(name=name)
+            row = PeriodicTask.objects.filter(name=name).first()
+            if row is None:
+                row = PeriodicTask(name=name)
+            else:
+                del fields["enabled"]  # disabled in the admin: it stays so across restarts
             for field, value in fields.items():
                 setattr(row, field, value)
             row.from_code = True

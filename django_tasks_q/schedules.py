@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cron_descriptor import ExpressionDescriptor, Options
 from croniter import CroniterBadDateError, croniter
 
 #: How near a DST change a time must be for the crontab maths to take it into account.
@@ -178,6 +179,31 @@ class Once:
 
 
 Schedule = Crontab | Interval | Once
+
+
+def describe(schedule: Schedule, tz: ZoneInfo) -> str:
+    """The schedule in words; times of day on the clock of ``tz`` (a crontab's own zone wins)."""
+    if isinstance(schedule, Crontab):
+        options = Options()
+        options.use_24hour_time_format = True
+        words = ExpressionDescriptor(schedule.expr, options).get_description()
+        return f"{words} ({schedule.tz.key})"
+    if isinstance(schedule, Interval):
+        return f"Every {_duration(schedule.every)}"
+    return f"Once, at {schedule.at.astimezone(tz):%Y-%m-%d %H:%M:%S} ({tz.key})"
+
+
+def _duration(span: timedelta) -> str:
+    """``5 minutes``, ``1 hour 30 minutes``; a lone unit of one is just ``hour``."""
+    seconds = int(span.total_seconds())
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append((count, unit))
+    if len(parts) == 1 and parts[0][0] == 1:
+        return parts[0][1]
+    return " ".join(f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts) or "0 seconds"
 
 
 def upcoming(schedule: Schedule, t: datetime, count: int) -> Iterator[datetime]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import re
 from collections.abc import Callable
@@ -85,6 +86,18 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
+
+    def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """TypeError, naming the task's signature, unless it can be called with these."""
+        signature = inspect.signature(self.run)
+        if self.bind:  # the task itself comes first
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            shown = ", ".join(str(p.replace(annotation=inspect.Parameter.empty))
+                              for p in signature.parameters.values())
+            raise TypeError(f"{self.name}({shown}) cannot take these arguments: {exc}") from None
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the task inline in the caller, as a plain function call."""
