@@ -22,6 +22,9 @@ from .models import PeriodicRun, PeriodicTask, TaskResult, TaskState
 
 #: How many coming runs the form shows.
 PREVIEW_RUNS = 5
+#: What a schedule defined in BEAT_SCHEDULE takes from the code (the admin shows them only).
+CODE_FIELDS = ("name", "description", "task", "crontab", "interval", "run_at", "timezone",
+               "catch_up", "args", "kwargs", "queue", "priority", "expires")
 KINDS = (("crontab", "Crontab"), ("interval", "Every (interval)"), ("run_at", "Once, at a time"))
 
 
@@ -64,17 +67,22 @@ class PeriodicTaskForm(forms.ModelForm):
         choices = [(name, name) for name in names]
         if current and current not in names:
             choices.insert(0, (current, f"{current} (not registered)"))
-        task_field = self.fields["task"]
-        assert isinstance(task_field, forms.ChoiceField)
-        task_field.choices = [("", "---------"), *choices]
-        self.fields["timezone"].widget.choices = _zone_choices()
-        if self.instance.pk is not None:
+        if "crontab" not in self.fields:  # read-only (defined in code): no schedule to choose
+            self.fields.pop("kind", None)
+        task_field = self.fields.get("task")
+        if isinstance(task_field, forms.ChoiceField):  # absent when read-only (defined in code)
+            task_field.choices = [("", "---------"), *choices]
+        if "timezone" in self.fields:
+            self.fields["timezone"].widget.choices = _zone_choices()
+        if self.instance.pk is not None and "kind" in self.fields:
             self.fields["kind"].initial = next(
                 (kind for kind, _ in KINDS if getattr(self.instance, kind) not in ("", None)),
                 "crontab")
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
+        if "kind" not in self.fields:  # defined in code: only ``enabled`` is edited here
+            return data
         kind = data.get("kind") or "crontab"
         for other, _ in KINDS:
             if other != kind:
@@ -132,6 +140,20 @@ class PeriodicTaskAdmin(admin.ModelAdmin):
 
     class Media:
         js = ("django_tasks_q/periodic_task.js",)
+
+    def get_readonly_fields(self, request: HttpRequest,
+                            obj: PeriodicTask | None = None) -> list[str]:
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.from_code:  # BEAT_SCHEDULE would undo an edit at next start
+            fields += [f for f in CODE_FIELDS if f not in fields]
+        return fields
+
+    def get_fieldsets(self, request: HttpRequest, obj: PeriodicTask | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or not obj.from_code:
+            return fieldsets
+        return [(title, {**options, "fields": [f for f in options["fields"] if f != "kind"]})
+                for title, options in fieldsets]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PeriodicTask]:
         last = PeriodicRun.objects.filter(periodic_task=OuterRef("pk")).order_by("-slot")

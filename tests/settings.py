@@ -14,6 +14,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.staticfiles",
     "django_tasks_q",
     "testproject.testapp",
 ]
@@ -34,6 +35,7 @@ TEMPLATES = [
     }
 ]
 ROOT_URLCONF = "testproject.urls"
+STATIC_URL = "/static/"
 DATABASES = {"default": env.db("DATABASE_URL", default="sqlite:///:memory:")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 TASKS_Q = {"BROKER_URL": "memory://", "QUEUES": ["default", "high", "low"]}

@@ -154,3 +154,15 @@ def test_a_bound_task_is_checked_without_its_self(admin: Client) -> None:
     wrong = admin.post(ADD_URL, form(name="other", task="tests.tasks.retries_then_ok",
                                      args="[2, 3]"))
     assert "tests.tasks.retries_then_ok(succeed_on) cannot take these" in errors(wrong)["args"][0]
+
+
+def test_a_schedule_defined_in_code_can_only_be_enabled_or_disabled_here(admin: Client) -> None:
+    row = PeriodicTask.objects.create(name="from-code", task="tests.tasks.multiply",
+                                      crontab="*/5 * * * *", args=[1, 2], from_code=True)
+    url = f"/admin/django_tasks_q/periodictask/{row.pk}/change/"
+    page = admin.get(url).content.decode()
+    assert 'name="enabled"' in page and 'name="crontab"' not in page and 'name="kind"' not in page
+    response = admin.post(url, {"crontab": "0 0 * * *", "args": "[9, 9]"})
+    assert response.status_code == 302
+    row.refresh_from_db()
+    assert not row.enabled and row.crontab == "*/5 * * * *" and row.args == [1, 2]

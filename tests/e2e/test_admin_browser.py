@@ -1,0 +1,104 @@
+"""The periodic task form in a real headless browser (Debian's Chromium): fields follow the
+schedule type, the next runs appear as a crontab is typed, and the form saves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+
+from django_tasks_q.models import PeriodicTask
+
+from ..conftest import in_ci
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        message = ("Chromium is not installed: apt-get install chromium chromium-driver "
+                   "to run this test")
+        if in_ci():
+            pytest.fail(message + " (CI=true: a missing browser is a failure)")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1600,1100"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_add_form_follows_the_schedule_type_previews_runs_and_saves(
+        browser: Any, live_server: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    User.objects.create_superuser("root", "root@example.com", "pw")
+    browser.get(f"{live_server.url}/admin/login/")
+    browser.find_element(By.NAME, "username").send_keys("root")
+    browser.find_element(By.NAME, "password").send_keys("pw")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    browser.get(f"{live_server.url}/admin/django_tasks_q/periodictask/add/")
+    wait = WebDriverWait(browser, 10)
+
+    def row(name: str) -> Any:
+        return browser.find_element(By.CSS_SELECTOR, f".field-{name}")
+
+    # Crontab is the default type: only its field shows.
+    wait.until(lambda _: not row("interval").is_displayed())
+    assert row("crontab").is_displayed() and not row("run_at").is_displayed()
+
+    browser.find_element(By.NAME, "name").send_keys("weekday-report")
+    Select(browser.find_element(By.NAME, "task")).select_by_value("testproject.testapp.tasks.add")
+    Select(browser.find_element(By.NAME, "timezone")).select_by_value("Europe/Berlin")
+    browser.find_element(By.NAME, "crontab").send_keys("30 2 * * 1-5")
+    preview = browser.find_element(By.ID, "dtq-preview")
+    wait.until(lambda _: "Monday through Friday" in preview.text)
+    lines = preview.text.splitlines()
+    assert lines[0] == "At 02:30, Monday through Friday (Europe/Berlin)"
+    assert len(lines) == 6 and all("02:30:00 CE" in line for line in lines[1:]), lines
+    screenshot(browser, "periodic-task-form.png")
+
+    # Another type shows its own field instead, and the preview follows it.
+    browser.find_element(By.CSS_SELECTOR, 'input[name="kind"][value="interval"]').click()
+    wait.until(lambda _: row("interval").is_displayed())
+    assert not row("crontab").is_displayed()
+    browser.find_element(By.NAME, "interval").send_keys("00:10:00")
+    wait.until(lambda _: preview.text.startswith("Every 10 minutes"))
+    browser.find_element(By.CSS_SELECTOR, 'input[name="kind"][value="crontab"]').click()
+    wait.until(lambda _: "Monday through Friday" in preview.text)
+
+    args = browser.find_element(By.NAME, "args")
+    args.clear()
+    args.send_keys("[6, 7]")
+    browser.find_element(By.NAME, "_save").click()
+    wait.until(lambda _: "was added successfully" in browser.page_source)
+    saved = PeriodicTask.objects.get(name="weekday-report")
+    assert (saved.crontab, saved.interval, saved.args) == ("30 2 * * 1-5", None, [6, 7])
+    screenshot(browser, "periodic-task-list.png")
+
+
+def screenshot(browser: Any, name: str) -> None:
+    """With SCREENSHOTS_DIR set, keep what the browser shows (the docs' pictures come from it)."""
+    folder = os.environ.get("SCREENSHOTS_DIR")
+    if folder:
+        browser.save_screenshot(str(Path(folder) / name))
