@@ -43,10 +43,20 @@ def default_name() -> str:
     return f"beat.{os.getpid()}@{socket.gethostname()}"
 
 
+#: Schedules every project has; one of the same name in BEAT_SCHEDULE replaces it, and it can
+#: be disabled in the admin like any other.
+BUILTIN_SCHEDULE: dict[str, dict[str, Any]] = {
+    "django_tasks_q.prune-results": {
+        "task": "django_tasks_q.prune_results", "schedule": "17 * * * *",
+        "description": "Deletes task results older than TASKS_Q RESULT_EXPIRES, in batches."},
+}
+
+
 def sync_code_schedules() -> int:
-    """Copy ``TASKS_Q["BEAT_SCHEDULE"]`` into the database, marked as defined in code; rows
-    defined in code that are no longer there are deleted. Returns how many entries there are."""
-    entries = conf.get().BEAT_SCHEDULE
+    """Copy the built-in schedules and ``TASKS_Q["BEAT_SCHEDULE"]`` into the database, marked as
+    defined in code; rows defined in code that are no longer there are deleted. Returns how
+    many entries there are."""
+    entries = {**BUILTIN_SCHEDULE, **conf.get().BEAT_SCHEDULE}
     with transaction.atomic():
         for name, entry in entries.items():
             fields = code_entry(name, entry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -195,8 +196,24 @@ class EagerResult(AsyncResult):
         return self.result
 
 
-def prune(older_than: datetime | None = None) -> int:
-    """Delete finished rows older than ``RESULT_EXPIRES``; returns how many went."""
+#: Rows one statement of ``prune`` deletes: each is short, however many rows have expired.
+PRUNE_BATCH = 5000
+
+
+def prune(older_than: datetime | None = None,
+          progress: Callable[[int], None] | None = None) -> int:
+    """Delete finished rows older than ``RESULT_EXPIRES`` (or ``older_than``), PRUNE_BATCH at a
+    time, each batch a statement of its own; returns how many went. ``progress`` hears the
+    running total after each batch."""
     cutoff = older_than or timezone.now() - conf.get().RESULT_EXPIRES
-    deleted, _ = TaskResult.objects.filter(date_done__lt=cutoff).delete()
-    return deleted
+    batch = TaskResult.objects.filter(date_done__lt=cutoff).order_by().values("pk")
+    total = 0
+    while True:
+        # One statement per batch (no cascades or signals to collect): the rows never leave
+        # the database.
+        deleted, _ = TaskResult.objects.filter(pk__in=batch[:PRUNE_BATCH]).delete()
+        if not deleted:
+            return total
+        total += deleted
+        if progress is not None:
+            progress(total)

@@ -177,17 +177,18 @@ def test_schedules_in_settings_are_synced_marked_as_code(settings: Any) -> None:
         "nightly": {"task": "tests.tasks.multiply", "schedule": "30 2 * * *", "args": [1, 2]},
         "every-5s": {"task": "tests.tasks.multiply", "schedule": 5, "queue": "low"},
     }}
-    assert beat.sync_code_schedules() == 2
+    assert beat.sync_code_schedules() == 3  # with the built-in pruning
     rows = {r.name: r for r in PeriodicTask.objects.all()}
+    assert rows["django_tasks_q.prune-results"].from_code
     assert rows["nightly"].from_code and rows["nightly"].crontab == "30 2 * * *"
     assert rows["every-5s"].interval == timedelta(seconds=5) and rows["every-5s"].queue == "low"
     assert not rows["made-in-the-admin"].from_code
 
     settings.TASKS_Q = {**settings.TASKS_Q, "BEAT_SCHEDULE": {
         "nightly": {"task": "tests.tasks.multiply", "schedule": "45 2 * * *"}}}
-    assert beat.sync_code_schedules() == 1
-    assert set(PeriodicTask.objects.values_list("name", flat=True)) == {"nightly",
-                                                                        "made-in-the-admin"}
+    assert beat.sync_code_schedules() == 2
+    assert set(PeriodicTask.objects.values_list("name", flat=True)) == {
+        "nightly", "made-in-the-admin", "django_tasks_q.prune-results"}
     assert PeriodicTask.objects.get(name="nightly").crontab == "45 2 * * *"
 
 
