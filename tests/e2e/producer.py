@@ -169,6 +169,23 @@ class Producer:
             interval=timedelta(seconds=interval) if interval is not None else None)
         return row.pk
 
+    def op_change_schedule(self, name: str, interval: float | None = None,
+                           enabled: bool | None = None) -> str:
+        """Change a ``PeriodicTask`` as the admin does (through ``save()``); the time saved."""
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        from django_tasks_q.models import PeriodicTask
+
+        row = PeriodicTask.objects.get(name=name)
+        if interval is not None:
+            row.interval = timedelta(seconds=interval)
+        if enabled is not None:
+            row.enabled = enabled
+        row.save()
+        return timezone.now().isoformat()
+
     def op_periodic_runs(self, name: str) -> list[dict[str, Any]]:
         """The runs of periodic task ``name`` sent so far, oldest slot first."""
         from django_tasks_q.models import PeriodicRun

@@ -80,3 +80,39 @@ def test_a_worker_started_with_B_runs_the_schedules_itself(project: Project) -> 
     assert [row["result"] for row in rows.values()] == [5, 5]
     assert worker.stop() == 0
     assert worker.count(r"beat@\S+ leads") == 1 and worker.count(r"beat@\S+ stopped") == 1
+
+
+@pytest.mark.parametrize("project", ["redis"], indirect=True)
+def test_edits_take_effect_within_two_seconds_without_an_extra_or_lost_run(
+        project: Project) -> None:
+    project.beat()
+
+    def runs() -> list[dict[str, str]]:
+        return project.producer.call("periodic_runs", name="edited")
+
+    def sent_at(run: dict[str, str]) -> float:
+        return datetime.fromisoformat(run["sent_at"]).timestamp()
+
+    # A new schedule: an interval runs at once, then an hour later.
+    created = time.time()
+    project.producer.call("create_schedule", name="edited", task=ADD, args=[1, 2],
+                          interval=3600.0, queue=project.queue)
+    [first] = wait_for(lambda: runs() or None, 5, "the first run", project.logs)
+    assert sent_at(first) - created < 2.0
+
+    # A new time: every two seconds from now on, counted from the last run.
+    changed = datetime.fromisoformat(
+        project.producer.call("change_schedule", name="edited", interval=2.0)).timestamp()
+    wait_for(lambda: len(runs()) >= 4, 15, "three runs at the new interval", project.logs)
+    assert sent_at(runs()[1]) - changed < 2.0
+
+    # Disabled: nothing more, not even from a tick already under way.
+    disabled = datetime.fromisoformat(
+        project.producer.call("change_schedule", name="edited", enabled=False)).timestamp()
+    time.sleep(4)
+    sent = runs()
+    assert all(sent_at(r) <= disabled for r in sent), "a run was sent after disabling"
+    slots = [datetime.fromisoformat(r["slot"]) for r in sent[1:]]
+    assert {(b - a).total_seconds() for a, b in zip(slots, slots[1:], strict=False)} == {2.0}
+    ids = project.producer.call("drain_ids", queue=project.queue)
+    assert sorted(ids) == sorted(r["task_id"] for r in sent)
