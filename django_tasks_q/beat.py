@@ -27,6 +27,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from . import client, conf, message, schedules, signals
+from .exceptions import EnqueueError
 from .models import PeriodicRun, PeriodicTask, SchedulerLease
 
 logger = logging.getLogger("django_tasks_q.beat")
@@ -131,6 +132,8 @@ class Beat:
         self.leading = False
         self._stop = threading.Event()
         self._failing = False
+        self._unsent = False  # a send failed and none has worked since
+        self._announced = False
         self._broken: set[tuple[int, str]] = set()  # (row, problem) already reported
 
     # -- the process ------------------------------------------------------------------------
@@ -186,7 +189,8 @@ class Beat:
             except IntegrityError:  # another process holds it
                 took = 0
         leading = bool(took)
-        if leading != self.leading:
+        if leading != self.leading or not self._announced:
+            self._announced = True
             if leading:
                 logger.info("%s leads: it sends the schedules' tasks", self.name)
             else:
@@ -212,10 +216,19 @@ class Beat:
         for row in PeriodicTask.objects.filter(enabled=True).order_by("next_run_at", "id"):
             try:
                 done = self._tick_one(row, now)
-            except ValueError as exc:  # a row that does not describe a schedule
+            except EnqueueError as exc:  # nothing was recorded: it goes at the next tick
+                if not self._unsent:
+                    logger.warning("Could not send the task of periodic task %r (%s); trying "
+                                   "again every second", row.name, exc)
+                self._unsent = True
+                continue
+            except (ValueError, TypeError) as exc:  # a row that does not describe a schedule
                 self._report(row, str(exc))
                 continue
             if done is not None:
+                if self._unsent:
+                    logger.warning("Sending periodic tasks works again")
+                self._unsent = False
                 sent.append(done)
         return sent
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from django_tasks_q import beat
+from django_tasks_q.exceptions import EnqueueError
 from django_tasks_q.models import PeriodicRun, PeriodicTask, QueueMessage, SchedulerLease
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -206,3 +207,22 @@ def test_a_bad_schedule_in_settings_is_refused_saying_which_and_why(
         beat.sync_code_schedules()
     assert """TASKS_Q["BEAT_SCHEDULE"]['broken']""" in str(caught.value)
     assert says in str(caught.value)
+
+
+def test_a_slot_that_cannot_be_published_is_not_recorded_and_goes_at_the_next_tick(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    slot = datetime(2026, 6, 1, 10, 1, tzinfo=UTC)
+    schedule(next_run_at=slot)
+    b = beat.Beat("b", clock=Clock(slot + timedelta(seconds=1)))
+
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise EnqueueError("Could not publish to redis://:**@127.0.0.1:1/0")
+
+    monkeypatch.setattr(beat.client, "publish", broker_down)
+    assert b.tick() == [] and b.tick() == []
+    assert PeriodicRun.objects.count() == 0 and PeriodicTask.objects.get().next_run_at == slot
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "trying again every second" in warnings[0]
+    monkeypatch.undo()
+    [done] = b.tick()
+    assert done.slot == slot and len(sent()) == 1
