@@ -41,6 +41,7 @@ class Request:
     eta: datetime | None = None
     expires: datetime | None = None
     queue: str = ""
+    priority: int | None = None
     hostname: str = ""
     root_id: str | None = None
     parent_id: str | None = None
@@ -136,8 +137,9 @@ def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
 
     request = Request(id=msg.id, task=msg.name, args=msg.args, kwargs=msg.kwargs,
                       retries=msg.retries, eta=msg.eta, expires=msg.expires, queue=msg.queue,
-                      hostname=hostname, root_id=msg.root_id, parent_id=msg.parent_id,
-                      headers=msg.headers, is_eager=eager, called_directly=False)
+                      priority=msg.priority, hostname=hostname, root_id=msg.root_id,
+                      parent_id=msg.parent_id, headers=msg.headers, is_eager=eager,
+                      called_directly=False)
     token = _current.set(request)
     started = timezone.now()
     signals.task_prerun.send(sender=task, task_id=msg.id, task=task, args=msg.args,

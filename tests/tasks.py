@@ -70,3 +70,11 @@ def echo(kind: str) -> object:
 @task(rate_limit="2/s")
 def limited() -> None:
     return None
+
+
+@task(bind=True)
+def whoami(self: Task[..., Any]) -> dict[str, Any]:
+    """What the task sees of its own invocation."""
+    req = self.request
+    return {"id": req.id, "queue": req.queue, "priority": req.priority,
+            "hostname": req.hostname, "called_directly": req.called_directly}

@@ -197,3 +197,12 @@ def test_soft_time_limit_interrupts_the_task_in_the_main_thread() -> None:
     with execute.soft_time_limit(0.2):
         pass  # disarmed on the way out: nothing fires later
     time.sleep(0.3)
+
+
+def test_the_request_tells_a_task_about_its_invocation() -> None:
+    m = msg("tests.tasks.whoami")
+    m.priority = 7
+    outcome = execute.run(m, hostname="w1")
+    assert outcome.value == {"id": m.id, "queue": "default", "priority": 7, "hostname": "w1",
+                             "called_directly": False}
+    assert tasks.whoami()["called_directly"] is True
