@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, available_timezones
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, JsonResponse
 from django.urls import URLPattern, path, reverse
@@ -203,6 +204,8 @@ class PeriodicTaskAdmin(admin.ModelAdmin):
     # -- the live preview ---------------------------------------------------------------------
     def preview_view(self, request: HttpRequest) -> JsonResponse:
         """The schedule described by the form's fields so far: in words, and its next runs."""
+        if not (self.has_view_permission(request) or self.has_add_permission(request)):
+            raise PermissionDenied
         query = request.GET
         kind = query.get("kind", "crontab")
         try:

@@ -166,3 +166,9 @@ def test_a_schedule_defined_in_code_can_only_be_enabled_or_disabled_here(admin: 
     assert response.status_code == 302
     row.refresh_from_db()
     assert not row.enabled and row.crontab == "*/5 * * * *" and row.args == [1, 2]
+
+
+def test_the_preview_is_for_those_who_may_see_periodic_tasks(client: Client) -> None:
+    user = User.objects.create_user("other", "other@example.com", "pw", is_staff=True)
+    client.force_login(user)
+    assert client.get(PREVIEW_URL, {"kind": "crontab", "crontab": "* * * * *"}).status_code == 403
