@@ -22,6 +22,7 @@ import os
 import re
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -181,6 +182,23 @@ class Beat(Worker):
         return log.rfind(" leads:") > log.rfind(" stands by")
 
 
+class Server(Worker):
+    """``manage.py runserver`` (static files included) on a free port, and its log file."""
+
+    ready_pattern = r"Quit the server with"
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        super().__init__(["--noreload", "--insecure", f"127.0.0.1:{self.port}"], env, log_path,
+                         f"runserver:{self.port}", command=("manage.py", "runserver"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
 class ProducerClient:
     """The test's end of ``tests/e2e/producer.py``: one JSON command, one JSON answer."""
 
@@ -269,6 +287,12 @@ class Project:
         beat = Beat(name, self.env, self.tmp / f"{name}.log")
         self.workers.append(beat)
         return beat.wait_ready() if ready else beat
+
+    def server(self) -> Server:
+        """Start the project's web server (the admin) on this project's database."""
+        server = Server(self.env, self.tmp / "runserver.log")
+        self.workers.append(server)
+        return server.wait_ready()
 
     @property
     def producer(self) -> ProducerClient:

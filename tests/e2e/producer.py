@@ -236,6 +236,20 @@ class Producer:
             rows = rows.filter(task_name=task_name)
         return list(rows.order_by("id").values())
 
+    def op_create_superuser(self, username: str, password: str) -> None:
+        """An admin user."""
+        from django.contrib.auth.models import User
+
+        User.objects.create_superuser(username, f"{username}@example.com", password)
+
+    def op_periodic_task(self, name: str) -> dict[str, Any]:
+        """One ``PeriodicTask`` row, its fields as plain values."""
+        from django_tasks_q.models import PeriodicTask
+
+        row = PeriodicTask.objects.filter(name=name).values().get()
+        row["interval"] = row["interval"].total_seconds() if row["interval"] else None
+        return row
+
     def op_create_order(self, email: str) -> int:
         """A new ``Order`` for the shop's tasks; returns its primary key."""
         from testproject.testapp.models import Order

@@ -1,5 +1,6 @@
-"""The periodic task form in a real headless browser (Debian's Chromium): fields follow the
-schedule type, the next runs appear as a crontab is typed, and the form saves."""
+"""The periodic task form in a real headless browser (Debian's Chromium) against the example
+project's real web server: fields follow the schedule type, the next runs appear as a crontab is
+typed, and the form saves."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
-
-from django_tasks_q.models import PeriodicTask
 
 from ..conftest import in_ci
+from .conftest import Project
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -46,19 +45,22 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
+@pytest.mark.parametrize("project", ["django-sqlite"], indirect=True)
 def test_the_add_form_follows_the_schedule_type_previews_runs_and_saves(
-        browser: Any, live_server: Any) -> None:
+        browser: Any, project: Project) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.wait import WebDriverWait
 
-    User.objects.create_superuser("root", "root@example.com", "pw")
-    browser.get(f"{live_server.url}/admin/login/")
+    project.producer.call("create_superuser", username="root", password="pw")
+    base = project.server().url
+    browser.get(f"{base}/admin/login/")
     browser.find_element(By.NAME, "username").send_keys("root")
     browser.find_element(By.NAME, "password").send_keys("pw")
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    browser.get(f"{live_server.url}/admin/django_tasks_q/periodictask/add/")
     wait = WebDriverWait(browser, 10)
+    wait.until(lambda _: "/admin/login/" not in browser.current_url)  # logged in
+    browser.get(f"{base}/admin/django_tasks_q/periodictask/add/")
 
     def row(name: str) -> Any:
         return browser.find_element(By.CSS_SELECTOR, f".field-{name}")
@@ -92,8 +94,8 @@ def test_the_add_form_follows_the_schedule_type_previews_runs_and_saves(
     args.send_keys("[6, 7]")
     browser.find_element(By.NAME, "_save").click()
     wait.until(lambda _: "was added successfully" in browser.page_source)
-    saved = PeriodicTask.objects.get(name="weekday-report")
-    assert (saved.crontab, saved.interval, saved.args) == ("30 2 * * 1-5", None, [6, 7])
+    saved = project.producer.call("periodic_task", name="weekday-report")
+    assert (saved["crontab"], saved["interval"], saved["args"]) == ("30 2 * * 1-5", None, [6, 7])
     screenshot(browser, "periodic-task-list.png")
 
 
