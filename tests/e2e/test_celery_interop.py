@@ -44,6 +44,7 @@ def test_a_celery_client_send_task_runs_on_our_worker(interop: Project) -> None:
     assert (row["status"], row["result"], row["task_name"]) == ("SUCCESS", 5, ADD)
     assert (row["args"], row["kwargs"], row["retries"]) == ([2, 3], {}, 0)
     assert (row["queue"], row["worker"]) == (interop.queue, worker.hostname)
+    worker.wait_log(rf"add\[{sent.id}\] succeeded", timeout=5)  # logged after the row
     assert worker.count(rf"add\[{sent.id}\] succeeded") == 1
     assert interop.count() == 0
 

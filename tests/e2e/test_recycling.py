@@ -48,6 +48,8 @@ def test_max_tasks_per_child_replaces_the_child_and_runs_every_task_once(
     assert a == first_child
     assert worker.pid not in in_order
     for task_id in ids:  # each ran once: one success line per id, nothing given back
+        # The child stores the row before the parent hears of it and logs the line.
+        worker.wait_log(rf"report_pid\[{task_id}\] succeeded", timeout=5)
         assert worker.count(rf"report_pid\[{task_id}\] succeeded") == 1
     assert project.count() == 0
     # The same worker parent throughout, with the third child still serving it.
