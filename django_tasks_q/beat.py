@@ -56,22 +56,29 @@ BUILTIN_SCHEDULE: dict[str, dict[str, Any]] = {
 def sync_code_schedules() -> int:
     """Copy the built-in schedules and ``TASKS_Q["BEAT_SCHEDULE"]`` into the database, marked as
     defined in code; rows defined in code that are no longer there are deleted. Returns how
-    many entries there are."""
+    many entries there are. Safe while other taskbeats starting at once do the same."""
     entries = {**BUILTIN_SCHEDULE, **conf.get().BEAT_SCHEDULE}
-    with transaction.atomic():
-        for name, entry in entries.items():
-            fields = code_entry(name, entry)
-            row = PeriodicTask.objects.filter(name=name).first()
-            if row is None:
-                row = PeriodicTask(name=name)
-            else:
-                del fields["enabled"]  # disabled in the admin: it stays so across restarts
-            for field, value in fields.items():
-                setattr(row, field, value)
-            row.from_code = True
-            row.save()
-        PeriodicTask.objects.filter(from_code=True).exclude(name__in=list(entries)).delete()
+    checked = {name: code_entry(name, entry) for name, entry in entries.items()}
+    for name, fields in checked.items():
+        try:
+            _save_code_schedule(name, dict(fields))
+        except IntegrityError:  # created by another taskbeat meanwhile: update that one
+            _save_code_schedule(name, dict(fields))
+    PeriodicTask.objects.filter(from_code=True).exclude(name__in=list(entries)).delete()
     return len(entries)
+
+
+def _save_code_schedule(name: str, fields: dict[str, Any]) -> None:
+    with transaction.atomic():
+        row = PeriodicTask.objects.filter(name=name).first()
+        if row is None:
+            row = PeriodicTask(name=name)
+        else:
+            del fields["enabled"]  # disabled in the admin: it stays so across restarts
+        for field, value in fields.items():
+            setattr(row, field, value)
+        row.from_code = True
+        row.save()
 
 
 def code_entry(name: str, entry: Any) -> dict[str, Any]:
@@ -141,12 +148,13 @@ class Beat:
         """Lead or stand by, once a second, until stopped (SIGTERM, SIGINT)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
-        from_code = sync_code_schedules()
         signals.beat_init.send(sender=self)
-        logger.info("%s ready: %d schedule(s) enabled, %d of them from BEAT_SCHEDULE", self.name,
-                    PeriodicTask.objects.filter(enabled=True).count(), from_code)
+        synced = False
         while not self._stop.is_set():
             try:
+                if not synced:  # at start, or once the database is reachable
+                    self._sync()
+                    synced = True
                 if self.lead():
                     self.tick()
                 self._database_ok()
@@ -155,6 +163,11 @@ class Beat:
             self._stop.wait(TICK)
         self.resign()
         logger.info("%s stopped", self.name)
+
+    def _sync(self) -> None:
+        from_code = sync_code_schedules()
+        logger.info("%s ready: %d schedule(s) enabled, %d of them from BEAT_SCHEDULE", self.name,
+                    PeriodicTask.objects.filter(enabled=True).count(), from_code)
 
     def stop(self) -> None:
         """Ask ``run`` to return after the current tick."""

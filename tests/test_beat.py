@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from django.db import IntegrityError
 
 from django_tasks_q import beat
 from django_tasks_q.exceptions import EnqueueError
@@ -226,3 +227,22 @@ def test_a_slot_that_cannot_be_published_is_not_recorded_and_goes_at_the_next_ti
     monkeypatch.undo()
     [done] = b.tick()
     assert done.slot == slot and len(sent()) == 1
+
+
+def test_a_schedule_another_taskbeat_creates_meanwhile_is_updated_not_duplicated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    save = beat._save_code_schedule
+    raced: list[str] = []
+
+    def racing(name: str, fields: dict[str, Any]) -> None:
+        if not raced:  # the other taskbeat inserts it between our look and our insert
+            raced.append(name)
+            PeriodicTask.objects.create(name=name, task="other", interval=timedelta(hours=1),
+                                        from_code=True)
+            raise IntegrityError("duplicate key value violates unique constraint")
+        save(name, fields)
+
+    monkeypatch.setattr(beat, "_save_code_schedule", racing)
+    assert beat.sync_code_schedules() == 1
+    row = PeriodicTask.objects.get(name=raced[0])
+    assert row.task == "django_tasks_q.prune_results" and row.crontab == "17 * * * *"
