@@ -19,7 +19,7 @@ from django.utils.html import format_html
 
 from . import conf, registry, schedules
 from .exceptions import TaskNotRegistered
-from .models import PeriodicRun, PeriodicTask, TaskResult, TaskState
+from .models import PeriodicRun, PeriodicTask, TaskResult, TaskState, timetable_zone
 
 #: How many coming runs the form shows.
 PREVIEW_RUNS = 5
@@ -173,7 +173,7 @@ class PeriodicTaskAdmin(admin.ModelAdmin):
     @admin.display(description="schedule")
     def schedule_words(self, row: PeriodicTask) -> str:
         try:
-            return schedules.describe(row.schedule(), _zone(row.timezone))
+            return schedules.describe(row.schedule(), timetable_zone(row.timezone))
         except ValueError as exc:
             return f"not a schedule: {exc}"
 
@@ -194,7 +194,7 @@ class PeriodicTaskAdmin(admin.ModelAdmin):
         """Where the form shows the schedule in words and its next runs (kept up to date as the
         schedule fields change, by periodic_task.js)."""
         try:
-            text = _preview(row.schedule(), _zone(row.timezone)) if row.pk else ""
+            text = _preview(row.schedule(), timetable_zone(row.timezone)) if row.pk else ""
         except ValueError as exc:
             text = str(exc)
         url = reverse("admin:django_tasks_q_periodictask_preview")
@@ -209,7 +209,7 @@ class PeriodicTaskAdmin(admin.ModelAdmin):
         query = request.GET
         kind = query.get("kind", "crontab")
         try:
-            tz = _zone(query.get("timezone", ""))
+            tz = timetable_zone(query.get("timezone", ""))
             schedule = _schedule_from(kind, query, tz)
         except ValueError as exc:
             return JsonResponse({"ok": False, "text": str(exc)})
@@ -245,29 +245,23 @@ class PeriodicTaskAdmin(admin.ModelAdmin):
                                    f"periodic task(s).", messages.SUCCESS)
 
 
-def _zone(name: str) -> ZoneInfo:
-    return schedules.zone(name or conf.get().TIMEZONE)
-
-
 def _schedule_from(kind: str, query: Any, tz: ZoneInfo) -> schedules.Schedule:
     value = (query.get(kind) or "").strip()
     if not value:
         raise ValueError("Fill in the schedule to see its next runs.")
-    now = timezone.now()
     if kind == "crontab":
         return schedules.Crontab(value, tz)
     if kind == "interval":
         every = parse_duration(value)
         if every is None:
             raise ValueError(f"{value!r} is not a duration: use HH:MM:SS or 'D HH:MM:SS'.")
-        return schedules.Interval(every, now)
+        return schedules.Interval(every, timezone.now())
     if kind == "run_at":
-        at = _parse_local(query, tz)
-        return schedules.Once(at)
+        return schedules.Once(_parse_local(query))
     raise ValueError(f"unknown schedule type {kind!r}")
 
 
-def _parse_local(query: Any, tz: ZoneInfo) -> datetime:
+def _parse_local(query: Any) -> datetime:
     # The admin's split date and time inputs arrive as run_at_0 and run_at_1.
     text = " ".join(part for part in (query.get("run_at_0"), query.get("run_at_1")) if part)
     at = parse_datetime(text or query.get("run_at", ""))

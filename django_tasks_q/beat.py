@@ -29,6 +29,7 @@ from django.utils import timezone
 from . import client, conf, message, schedules, signals
 from .exceptions import EnqueueError
 from .models import PeriodicRun, PeriodicTask, SchedulerLease
+from .outage import Outage
 
 logger = logging.getLogger("django_tasks_q.beat")
 
@@ -37,6 +38,7 @@ TICK = 1.0
 #: Seconds a leader's lease lasts (renewed every tick); a standby takes over once it runs out.
 LEASE_SECONDS = 6.0
 LEASE_NAME = "taskbeat"
+GRACE_SECONDS = schedules.GRACE.total_seconds()
 
 
 def default_name() -> str:
@@ -138,8 +140,8 @@ class Beat:
         self.clock = clock
         self.leading = False
         self._stop = threading.Event()
-        self._failing = False
-        self._unsent = False  # a send failed and none has worked since
+        self._database = Outage(logger, "The database is reachable again")
+        self._broker = Outage(logger, "Sending periodic tasks works again")
         self._announced = False
         self._broken: set[tuple[int, str]] = set()  # (row, problem) already reported
 
@@ -174,16 +176,12 @@ class Beat:
         self._stop.set()
 
     def _database_failed(self, exc: Exception) -> None:
-        if not self._failing:
-            logger.warning("taskbeat cannot use the database (%s: %s); sending nothing until "
-                           "it is back", type(exc).__name__, exc)
-        self._failing = True
+        self._database.failed("taskbeat cannot use the database (%s: %s); sending nothing "
+                              "until it is back", type(exc).__name__, exc)
         self.leading = False
 
     def _database_ok(self) -> None:
-        if self._failing:
-            logger.warning("The database is reachable again")
-        self._failing = False
+        self._database.ok()
 
     # -- leading ----------------------------------------------------------------------------
     def lead(self) -> bool:
@@ -226,22 +224,20 @@ class Beat:
         """Send every slot that is due now; returns what was sent."""
         now = self.clock()
         sent = []
-        for row in PeriodicTask.objects.filter(enabled=True).order_by("next_run_at", "id"):
+        due = PeriodicTask.objects.filter(Q(next_run_at__isnull=True) | Q(next_run_at__lte=now),
+                                          enabled=True)
+        for row in due.order_by("next_run_at", "id"):
             try:
                 done = self._tick_one(row, now)
             except EnqueueError as exc:  # nothing was recorded: it goes at the next tick
-                if not self._unsent:
-                    logger.warning("Could not send the task of periodic task %r (%s); trying "
-                                   "again every second", row.name, exc)
-                self._unsent = True
+                self._broker.failed("Could not send the task of periodic task %r (%s); trying "
+                                    "again every second", row.name, exc)
                 continue
             except (ValueError, TypeError) as exc:  # a row that does not describe a schedule
                 self._report(row, str(exc))
                 continue
             if done is not None:
-                if self._unsent:
-                    logger.warning("Sending periodic tasks works again")
-                self._unsent = False
+                self._broker.ok()
                 sent.append(done)
         return sent
 
@@ -281,7 +277,7 @@ class Beat:
         late = (now - plan.fire).total_seconds()
         logger.info("Sent %s[%s] for periodic task %r, slot %s%s", row.task, task_id, row.name,
                     f"{plan.fire:%Y-%m-%d %H:%M:%S}",
-                    f" ({late:.0f}s late: a missed run)" if late > 60 else "")
+                    f" ({late:.0f}s late: a missed run)" if late > GRACE_SECONDS else "")
         return Sent(row.name, plan.fire, task_id)
 
     def _move_on(self, row: PeriodicTask, changes: dict[str, Any]) -> bool:
@@ -291,13 +287,9 @@ class Beat:
                     .update(**changes))
 
     def _send(self, row: PeriodicTask, slot: datetime, task_id: str) -> None:
-        args, kwargs = list(row.args or []), dict(row.kwargs or {})
-        body = client.encode_body(row.task, args, kwargs)
-        queue, priority = client.route(row.task, None, row.queue or None, row.priority)
-        msg = message.TaskMessage(
-            id=task_id, name=row.task, args=args, kwargs=kwargs, queue=queue,
-            priority=client.check_priority(row.task, priority),
-            expires=slot + row.expires if row.expires else None,
+        msg, body = client.named_message(
+            row.task, row.args, row.kwargs, queue=row.queue or None, priority=row.priority,
+            expires=slot + row.expires if row.expires else None, task_id=task_id,
             headers={"periodic_task_name": row.name})
         # Published before the transaction commits: if publishing fails, the slot is not
         # recorded and goes out at the next tick.

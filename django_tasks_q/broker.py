@@ -104,7 +104,7 @@ def wire_priority(conn: Connection, priority: int | None) -> int | None:
     numbers first, so there it is inverted (and no priority becomes our lowest, 0).
     """
     if isinstance(conn.transport, kombu_redis.Transport):
-        return MAX_PRIORITY - min(max(int(priority or 0), 0), MAX_PRIORITY)
+        return MAX_PRIORITY - _clamp(int(priority or 0))
     return priority
 
 
@@ -119,6 +119,10 @@ def received_priority(raw: Message) -> int | None:
         return None
     if isinstance(raw.channel, kombu_redis.Channel):
         priority = MAX_PRIORITY - priority
+    return _clamp(priority)
+
+
+def _clamp(priority: int) -> int:
     return min(max(priority, 0), MAX_PRIORITY)
 
 

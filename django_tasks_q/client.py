@@ -182,6 +182,23 @@ def _in_same_database(cfg: conf.Settings) -> bool:
             and cfg.BROKER_OPTIONS.get("database", "default") == "default")
 
 
+def named_message(name: str, args: list[Any] | tuple[Any, ...] | None,
+                  kwargs: dict[str, Any] | None, *, queue: str | None = None,
+                  priority: int | None = None, eta: datetime | None = None,
+                  expires: datetime | None = None, task_id: str | None = None,
+                  headers: dict[str, Any] | None = None) -> tuple[message.TaskMessage, str]:
+    """The message (and its encoded body) that sends task ``name``: arguments checked, queue
+    and priority routed as for ``send_task``."""
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    body = encode_body(name, args, kwargs)
+    queue, priority = route(name, None, queue, priority)
+    msg = message.TaskMessage(id=task_id or message.new_id(), name=name, args=args,
+                              kwargs=kwargs, eta=eta, expires=expires, queue=queue,
+                              priority=check_priority(name, priority),
+                              headers=dict(headers or {}))
+    return msg, body
+
+
 def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
               kwargs: dict[str, Any] | None = None, *, queue: str | None = None,
               priority: int | None = None, countdown: float | None = None,
@@ -189,12 +206,8 @@ def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
     """Send a task by name, without importing its function (it may live in another service)."""
     from . import results
 
-    args, kwargs = list(args or ()), dict(kwargs or {})
-    body = encode_body(name, args, kwargs)
-    queue, priority = route(name, None, queue, priority)
-    msg = message.TaskMessage(id=task_id or message.new_id(), name=name, args=args,
-                              kwargs=kwargs, eta=_when(countdown, eta), queue=queue,
-                              priority=check_priority(name, priority))
+    msg, body = named_message(name, args, kwargs, queue=queue, priority=priority,
+                              eta=_when(countdown, eta), task_id=task_id)
     publish(msg, body)
     try:
         known: Task[Any, Any] | None = registry.get(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
@@ -42,6 +43,11 @@ class TaskResult(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.task_id} {self.status}"
+
+
+def timetable_zone(name: str) -> ZoneInfo:
+    """The zone a schedule's times are read in: ``name``, else ``TASKS_Q["TIMEZONE"]``."""
+    return schedules.zone(name or conf.get().TIMEZONE)
 
 
 class PeriodicTask(models.Model):
@@ -103,8 +109,7 @@ class PeriodicTask(models.Model):
         """The schedule this row describes; ValueError naming the problem if it is not one."""
         kind = self._timetable()
         if kind == "crontab":
-            return schedules.Crontab(self.crontab,
-                                     schedules.zone(self.timezone or conf.get().TIMEZONE))
+            return schedules.Crontab(self.crontab, timetable_zone(self.timezone))
         if kind == "interval":
             assert self.interval is not None
             anchor = self.next_run_at or self.first_run(timezone.now())

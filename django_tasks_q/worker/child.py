@@ -87,13 +87,13 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
     close_old_connections()
     try:
         outcome = execute.run(msg, hostname)
-    except DatabaseError as exc:  # the database went away while storing: no traceback needed
-        logger.error("Task %s[%s]: outcome could not be stored (%s: %s); giving it back",
-                     msg.name, msg.id, type(exc).__name__, str(exc).strip())
-        outcome = execute.Outcome(execute.REQUEUE, error=f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a bug in storing: keep the traceback
-        logger.exception("Task %s[%s]: outcome could not be stored; giving it back",
-                         msg.name, msg.id)
+    except Exception as exc:  # noqa: BLE001 - the outcome could not be stored
+        if isinstance(exc, DatabaseError):  # the database went away: no traceback needed
+            logger.error("Task %s[%s]: outcome could not be stored (%s: %s); giving it back",
+                         msg.name, msg.id, type(exc).__name__, str(exc).strip())
+        else:  # a bug in storing: keep the traceback
+            logger.exception("Task %s[%s]: outcome could not be stored; giving it back",
+                             msg.name, msg.id)
         outcome = execute.Outcome(execute.REQUEUE, error=f"{type(exc).__name__}: {exc}")
     finally:
         close_old_connections()

@@ -23,6 +23,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from .. import broker, client, conf, execute, message, registry, signals
 from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
 from ..models import TaskResult, TaskState
+from ..outage import Outage
 from .parking import PARK_AFTER, PARK_BATCH, PARK_COLLECT, Parking
 from .pool import LOST, Job, Pool
 from .ratelimit import RateLimits
@@ -73,7 +74,7 @@ class Consumer:
         self._received = False  # a message arrived since the watchdog last looked
         self._strikes = 0
         self._stalled = False
-        self._database_down = False
+        self._database = Outage(logger, "The database is reachable again")
         self.revoked: set[str] = set()
         self.rate_limits = RateLimits()
         self.parking = Parking(hostname)
@@ -314,7 +315,7 @@ class Consumer:
             self._settle(Job(None, raw), DROP)  # type: ignore[arg-type]
             return
         job = Job(msg, raw)
-        due = msg.eta.timestamp() if msg.eta is not None else 0.0
+        due = _due(msg)
         if due > time.time():
             if due - time.time() > PARK_AFTER:
                 self._to_park.append(job)
@@ -342,7 +343,7 @@ class Consumer:
             self._database_failed(f"Could not park {len(jobs)} task(s) until their eta; "
                                   f"holding them in memory instead", exc)
             for job in jobs:
-                self._hold(job, job.msg.eta.timestamp() if job.msg.eta else 0.0)
+                self._hold(job, _due(job.msg), widen=False)  # widened once, below
         else:
             self._database_ok()
             self._ack_all(jobs)
@@ -377,11 +378,12 @@ class Consumer:
         if released:
             logger.info("Released %d parked task(s) that are due", released)
 
-    def _hold(self, job: Job, due: float) -> None:
+    def _hold(self, job: Job, due: float, widen: bool = True) -> None:
         """Keep ``job`` (unacknowledged) until ``due`` (a ``time.time()``), then dispatch it."""
         heapq.heappush(self.delayed, (due, next(self._seq), job))
         # A held message must not use up a prefetch slot, or held ones could starve the pool.
-        self._set_prefetch()
+        if widen:
+            self._set_prefetch()
         self.hub.call_later(max(0.0, due - time.time()), self._release_due)
 
     def _window(self) -> int:
@@ -427,18 +429,13 @@ class Consumer:
                 self.pool.terminate(job)
 
     def _database_failed(self, what: str, exc: Exception) -> None:
-        # Once per outage: the timers that read the database would repeat it every second.
         with contextlib.suppress(Exception):
             db_connection.close()  # the next use reconnects
-        level = logging.DEBUG if self._database_down else logging.WARNING
-        logger.log(level, "%s: %s: %s (the worker goes on and retries)", what,
-                   type(exc).__name__, str(exc).strip())
-        self._database_down = True
+        self._database.failed("%s: %s: %s (the worker goes on and retries)", what,
+                              type(exc).__name__, str(exc).strip())
 
     def _database_ok(self) -> None:
-        if self._database_down:
-            self._database_down = False
-            logger.warning("The database is reachable again")
+        self._database.ok()
 
     @staticmethod
     def _acks_late(name: str) -> bool:
@@ -574,6 +571,11 @@ class Consumer:
             raise
         except Exception:  # noqa: BLE001 - e.g. already acknowledged
             logger.exception("Could not settle message %s", job.msg.id if job.msg else "?")
+
+
+def _due(msg: message.TaskMessage) -> float:
+    """When ``msg`` may start, as a ``time.time()``; 0 for at once."""
+    return msg.eta.timestamp() if msg.eta is not None else 0.0
 
 
 class _ColdStop(Exception):

@@ -161,6 +161,11 @@ class _Child:
     retiring: bool = False  # reached max_tasks_per_child: exits after its last job
     idle_since: float = field(default_factory=time.monotonic)
 
+    @property
+    def idle(self) -> bool:
+        """Free for a job: running none, and not on its way out."""
+        return self.job is None and not self.retiring
+
 
 def _children(n: int) -> str:
     return f"{n} child" if n == 1 else f"{n} children"
@@ -258,7 +263,7 @@ class PreforkPool(Pool):
             self.on_slot()
 
     def free(self) -> int:
-        idle = sum(1 for kid in self._children.values() if kid.job is None and not kid.retiring)
+        idle = sum(1 for kid in self._children.values() if kid.idle)
         if self.autoscale and not self._stopping and time.monotonic() >= self._grow_after:
             return idle + self.size - len(self._children)  # with the children it may still fork
         return idle
@@ -285,8 +290,7 @@ class PreforkPool(Pool):
             return
         now = time.monotonic()
         idle = sorted((kid for kid in self._children.values()
-                       if kid.job is None and not kid.retiring
-                       and now - kid.idle_since >= self.keepalive),
+                       if kid.idle and now - kid.idle_since >= self.keepalive),
                       key=lambda kid: kid.idle_since)
         for kid in idle[:max(0, len(self._children) - self.min_size)]:
             with contextlib.suppress(Exception):
@@ -308,8 +312,7 @@ class PreforkPool(Pool):
                 self._retired.discard(pid)
 
     def submit(self, job: Job) -> None:
-        kid = next((k for k in self._children.values() if k.job is None and not k.retiring),
-                   None)
+        kid = next((k for k in self._children.values() if k.idle), None)
         if kid is None:  # every child is busy: an autoscaling pool forks one for this job
             kid = self._grow()
         if kid is None:
