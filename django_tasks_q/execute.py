@@ -81,13 +81,13 @@ def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str =
     row = TaskResult(
         task_id=msg.id, task_name=msg.name, status=status, args=msg.args, kwargs=msg.kwargs,
         result=result, traceback=traceback, worker=worker, queue=msg.queue,
-        retries=msg.retries, date_created=now, date_started=date_started,
+        retries=msg.retries, priority=msg.priority, date_created=now, date_started=date_started,
         date_done=now if status in READY_STATES else None,
     )
     TaskResult.objects.bulk_create(
         [row], update_conflicts=True, unique_fields=["task_id"],
         update_fields=["status", "result", "traceback", "worker", "queue", "retries",
-                       "date_started", "date_done"],
+                       "priority", "date_started", "date_done"],
     )
 
 REJECT = "REJECT"  # drop the message without storing anything

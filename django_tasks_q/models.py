@@ -14,16 +14,16 @@ from . import conf, schedules
 from .states import READY_STATES, TaskState
 
 __all__ = ["READY_STATES", "ParkedMessage", "PeriodicRun", "PeriodicTask", "QueueMessage",
-           "SchedulerLease", "TaskResult", "TaskState"]
+           "SchedulerLease", "TaskCount", "TaskResult", "TaskState", "WorkerState"]
 
 
 class TaskResult(models.Model):
     """The stored outcome of one task: failures always (by default), successes when asked."""
 
     task_id = models.CharField(max_length=255, unique=True)
-    task_name = models.CharField(max_length=255, db_index=True)
+    task_name = models.CharField(max_length=255)
     status = models.CharField(max_length=20, choices=TaskState.choices,
-                              default=TaskState.PENDING, db_index=True)
+                              default=TaskState.PENDING)
     args = models.JSONField(default=list, blank=True)
     kwargs = models.JSONField(default=dict, blank=True)
     result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder,
@@ -32,6 +32,7 @@ class TaskResult(models.Model):
     worker = models.CharField(max_length=255, blank=True)
     queue = models.CharField(max_length=255, blank=True)
     retries = models.PositiveIntegerField(default=0)
+    priority = models.PositiveSmallIntegerField(null=True, blank=True)
     # Not auto_now_add: the row is written once, when the task is done, with one clock reading.
     date_created = models.DateTimeField(default=timezone.now)
     date_started = models.DateTimeField(null=True, blank=True)
@@ -40,6 +41,14 @@ class TaskResult(models.Model):
     class Meta:
         verbose_name = "task result"
         ordering = ("-date_done", "-id")
+        # The admin's list is newest first, whole or narrowed to one status, task or queue:
+        # each has an index that serves the first page without sorting the table.
+        indexes = [
+            models.Index(fields=["status", "-date_done"], name="dtq_result_status_done"),
+            models.Index(fields=["task_name", "-date_done"], name="dtq_result_task_done"),
+            models.Index(fields=["queue", "-date_done"], name="dtq_result_queue_done"),
+        ]
+        permissions = [("retry_taskresult", "Can retry a task from its stored result")]
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.task_id} {self.status}"
@@ -170,6 +179,46 @@ class SchedulerLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.holder} until {self.expires_at:%H:%M:%S}"
+
+
+class WorkerState(models.Model):
+    """A worker as its last heartbeat described it: what the dashboard shows."""
+
+    hostname = models.CharField(max_length=255, unique=True)
+    pid = models.PositiveIntegerField()
+    pool = models.CharField(max_length=20)
+    concurrency = models.PositiveIntegerField(help_text="Pool size (the most, with autoscale).")
+    queues = models.JSONField(default=list)
+    active = models.PositiveIntegerField(default=0, help_text="Tasks running now.")
+    processed = models.PositiveBigIntegerField(default=0, help_text="Tasks finished since start.")
+    failed = models.PositiveBigIntegerField(default=0, help_text="Of those, failed.")
+    started_at = models.DateTimeField()
+    last_heartbeat = models.DateTimeField(db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True,
+                                      help_text="Set by a worker that shut down cleanly.")
+
+    class Meta:
+        verbose_name = "worker"
+
+    def __str__(self) -> str:
+        return self.hostname
+
+
+class TaskCount(models.Model):
+    """Tasks one worker finished (and of those, failed) in one minute: the dashboard's chart."""
+
+    worker = models.CharField(max_length=255)
+    minute = models.DateTimeField(db_index=True)
+    processed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "task count"
+        constraints = [models.UniqueConstraint(fields=["worker", "minute"],
+                                               name="dtq_count_worker_minute")]
+
+    def __str__(self) -> str:
+        return f"{self.worker} {self.minute:%Y-%m-%d %H:%M}: {self.processed}/{self.failed}"
 
 
 class QueueMessage(models.Model):

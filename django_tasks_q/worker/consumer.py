@@ -27,6 +27,7 @@ from ..outage import Outage
 from .parking import PARK_AFTER, PARK_BATCH, PARK_COLLECT, Parking
 from .pool import LOST, Job, Pool
 from .ratelimit import RateLimits
+from .state import Tally, Watcher
 
 logger = logging.getLogger("django_tasks_q.worker")
 
@@ -78,6 +79,9 @@ class Consumer:
         self.revoked: set[str] = set()
         self.rate_limits = RateLimits()
         self.parking = Parking(hostname)
+        self.tally = Tally()
+        #: Told of every task's way through (stats, heartbeats, events); see worker/state.py.
+        self.watchers: list[Watcher] = [self.tally]
         self._revoked_since: datetime | None = None
         pool.on_done = self.on_done
         pool.on_slot = self._dispatch
@@ -164,6 +168,8 @@ class Consumer:
         self._channel = self.kombu.channel
         self._connected = True
         self._settle_orphans()
+        for watcher in self.watchers:
+            watcher.attach(hub, conn)
         timeout = conn.transport_options.get("visibility_timeout")
         if conn.transport.driver_type == "redis" and timeout:
             hub.call_repeatedly(max(1.0, float(timeout) / 4), self._keep_leases)
@@ -315,6 +321,8 @@ class Consumer:
             self._settle(Job(None, raw), DROP)  # type: ignore[arg-type]
             return
         job = Job(msg, raw)
+        for watcher in self.watchers:
+            watcher.received(job)
         due = _due(msg)
         if due > time.time():
             if due - time.time() > PARK_AFTER:
@@ -418,15 +426,24 @@ class Consumer:
             self._database_failed("Could not read revoked tasks", exc)
             return
         self._database_ok()
-        self.revoked.update(task_id for task_id, _ in rows)
         # Overlap the windows: a row committed late with an earlier timestamp is still seen.
         self._revoked_since = now - timedelta(seconds=5)
-        stop = {task_id for task_id, result in rows
-                if isinstance(result, dict) and result.get("terminate")}
-        for job in self.pool.active():
-            if job.msg.id in stop and not job.revoked:
-                job.revoked = True
-                self.pool.terminate(job)
+        self.revoke({task_id for task_id, _ in rows})
+        self.revoke({task_id for task_id, result in rows
+                     if isinstance(result, dict) and result.get("terminate")}, terminate=True)
+
+    def revoke(self, task_ids: set[str], terminate: bool = False) -> list[str]:
+        """Run none of ``task_ids`` from now on; with ``terminate``, kill those running now.
+        Returns the ids of those terminated."""
+        self.revoked.update(task_ids)
+        killed = []
+        if terminate and task_ids:
+            for job in self.pool.active():
+                if job.msg.id in task_ids and not job.revoked:
+                    job.revoked = True
+                    self.pool.terminate(job)
+                    killed.append(job.msg.id)
+        return killed
 
     def _database_failed(self, what: str, exc: Exception) -> None:
         with contextlib.suppress(Exception):
@@ -463,6 +480,8 @@ class Consumer:
             job = buffer.popleft()
             if job.msg.id in revoked:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
+                for watcher in self.watchers:
+                    watcher.revoked(job, terminated=False)
                 self._settle(job, ACK)
                 continue
             wait = self.rate_limits.wait(job.msg.name)
@@ -473,12 +492,16 @@ class Consumer:
             if not self._acks_late(job.msg.name):
                 # At-most-once by request: acknowledged before it runs, never delivered again.
                 self._settle(job, ACK)
+            for watcher in self.watchers:
+                watcher.started(job)
             pool.submit(job)
 
     # -- outcomes ----------------------------------------------------------------------------
     def on_done(self, job: Job, outcome: execute.Outcome) -> None:
         """A job finished: start the next one, then settle its message (ack, retry, requeue)."""
         msg, status = job.msg, outcome.status
+        for watcher in self.watchers:
+            watcher.finished(job, outcome)
         if not self.stopping:
             # The free slot gets work before the broker round trips below, not after them.
             self._dispatch()
@@ -502,6 +525,8 @@ class Consumer:
         if job.revoked:  # terminated on request: the REVOKED row is there already
             signals.task_revoked.send(sender=None, request=job.msg, expired=False,
                                       terminated=True)
+            for watcher in self.watchers:
+                watcher.revoked(job, terminated=True)
             self._settle(job, ACK)
             return
         if job.timed_out:

@@ -117,6 +117,11 @@ class Worker:
                 self.pool.stop()
             if self._beat_pid is not None:
                 _stop_beat(self._beat_pid)
+            for watcher in self.consumer.watchers:
+                try:
+                    watcher.close()
+                except Exception:  # noqa: BLE001 - one watcher's failure must not stop the rest
+                    logger.exception("Could not close %s", type(watcher).__name__)
             signal.set_wakeup_fd(previous)
             os.close(wake_r)
             os.close(wake_w)

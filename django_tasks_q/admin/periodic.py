@@ -1,4 +1,4 @@
-"""Surface: the admin for stored task outcomes and for periodic tasks."""
+"""Surface: the admin for periodic tasks: one form for every kind of schedule, a live preview."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime, parse_duration
 from django.utils.html import format_html
 
-from . import conf, registry, schedules
-from .exceptions import TaskNotRegistered
-from .models import PeriodicRun, PeriodicTask, TaskResult, TaskState, timetable_zone
+from .. import conf, registry, schedules
+from ..exceptions import TaskNotRegistered
+from ..models import PeriodicRun, PeriodicTask, TaskResult, TaskState, timetable_zone
 
 #: How many coming runs the form shows.
 PREVIEW_RUNS = 5
@@ -27,18 +27,6 @@ PREVIEW_RUNS = 5
 CODE_FIELDS = ("name", "description", "task", "crontab", "interval", "run_at", "timezone",
                "catch_up", "args", "kwargs", "queue", "priority", "expires")
 KINDS = (("crontab", "Crontab"), ("interval", "Every (interval)"), ("run_at", "Once, at a time"))
-
-
-@admin.register(TaskResult)
-class TaskResultAdmin(admin.ModelAdmin):
-    """Stored outcomes: failures with their tracebacks, successes when kept."""
-
-    list_display = ("task_name", "task_id", "status", "queue", "worker", "retries", "date_done")
-    list_filter = ("status", "task_name", "queue")
-    search_fields = ("task_id", "task_name")
-    date_hierarchy = "date_done"
-    readonly_fields = ("task_id", "task_name", "status", "args", "kwargs", "result", "traceback",
-                       "worker", "queue", "retries", "date_created", "date_started", "date_done")
 
 
 def _zone_choices() -> list[tuple[str, str]]:
@@ -218,7 +206,7 @@ class PeriodicTaskAdmin(admin.ModelAdmin):
     # -- actions ------------------------------------------------------------------------------
     @admin.action(description="Run the selected periodic tasks now", permissions=["change"])
     def run_now(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
-        from .client import send_task
+        from ..client import send_task
 
         for row in queryset:
             result = send_task(row.task, row.args, row.kwargs, queue=row.queue or None,
