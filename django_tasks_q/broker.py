@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.pidbox import Mailbox
 from kombu.message import Message
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
@@ -97,6 +98,16 @@ def _warn_unprioritised(name: str) -> None:
         name, MAX_PRIORITY, MAX_PRIORITY)
 
 
+def queue_size(channel: Any, name: str) -> int:
+    """Messages ready for delivery in queue ``name`` (not those delivered and unacknowledged).
+
+    On AMQP a queue that does not exist is a channel error (404) that closes ``channel``.
+    """
+    if hasattr(channel, "_size"):  # kombu's virtual transports: Redis, django://, memory://
+        return int(channel._size(name))
+    return int(channel.queue_declare(queue=name, passive=True).message_count)
+
+
 def wire_priority(conn: Connection, priority: int | None) -> int | None:
     """The priority a message is published with on ``conn``'s broker.
 
@@ -124,6 +135,24 @@ def received_priority(raw: Message) -> int | None:
 
 def _clamp(priority: int) -> int:
     return min(max(priority, 0), MAX_PRIORITY)
+
+
+#: Remote control as Celery names it: each worker's queue ``<hostname>.celery.pidbox`` is bound
+#: to the fanout exchange ``celery.pidbox``; replies go through ``reply.celery.pidbox``.
+CONTROL_EXCHANGE = "celery"
+#: Seconds an unread control message, and an unused control queue, lasts (Celery's defaults).
+CONTROL_QUEUE_TTL = 300.0
+CONTROL_QUEUE_EXPIRES = 10.0
+
+
+def mailbox(conn: Connection | None = None) -> Mailbox:
+    """The remote-control mailbox, declared exactly as Celery declares it, so Celery's tools
+    (``celery inspect``, Flower) and ``taskctl`` reach the same workers."""
+    box = Mailbox(CONTROL_EXCHANGE, type="fanout", accept=["json"], serializer="json",
+                  queue_ttl=CONTROL_QUEUE_TTL, reply_queue_ttl=CONTROL_QUEUE_TTL,
+                  queue_expires=CONTROL_QUEUE_EXPIRES, queue_exclusive=True,
+                  queue_durable=False, reply_queue_expires=CONTROL_QUEUE_EXPIRES)
+    return box(conn) if conn is not None else box
 
 
 def connection(url: str | None = None, options: dict[str, Any] | None = None) -> Connection:

@@ -246,14 +246,7 @@ class Consumer:
 
     def _ready_in_queues(self) -> int:
         """Messages ready for delivery in the queues consumed (not those delivered already)."""
-        channel = self._channel
-        if hasattr(channel, "_size"):  # kombu's virtual transports: Redis, django://
-            return sum(int(channel._size(name)) for name in self.queues)
-        total = 0
-        for name in self.queues:
-            ok = channel.queue_declare(queue=name, passive=True)
-            total += ok.message_count
-        return total
+        return sum(broker.queue_size(self._channel, name) for name in self.queues)
 
     def _poll(self) -> None:
         # Transports without an event-loop integration (django://, memory://) are polled. The
