@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
-from kombu.pidbox import Mailbox
 from kombu.message import Message
+from kombu.pidbox import Mailbox
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
