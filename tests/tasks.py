@@ -78,3 +78,17 @@ def whoami(self: Task[..., Any]) -> dict[str, Any]:
     req = self.request
     return {"id": req.id, "queue": req.queue, "priority": req.priority,
             "hostname": req.hostname, "called_directly": req.called_directly}
+
+
+#: Events that ``hold`` tasks wait on (thread pools share them with the test).
+gates: dict[str, Any] = {}
+
+
+@task
+def hold(key: str) -> str:
+    """Run until the test opens gate ``key`` (at most 20 s)."""
+    import threading
+
+    gate = gates.setdefault(key, threading.Event())
+    gate.wait(20)
+    return key

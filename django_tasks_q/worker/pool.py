@@ -87,6 +87,10 @@ class Pool:
         """Jobs started and not finished."""
         raise NotImplementedError
 
+    def pids(self) -> list[int]:
+        """The processes tasks run in."""
+        return [os.getpid()]
+
     def terminate(self, job: Job) -> None:
         """Stop a running job at once, where the pool can (prefork)."""
         logger.warning("Task %s[%s] was revoked with terminate=True, but the %s pool cannot "
@@ -345,6 +349,9 @@ class PreforkPool(Pool):
                                "child %d", job.msg.name, job.msg.id, kid.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(kid.pid, signal.SIGKILL)
+
+    def pids(self) -> list[int]:
+        return list(self._children)
 
     def active(self) -> list[Job]:
         return [kid.job for kid in self._children.values() if kid.job is not None]
