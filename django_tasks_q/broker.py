@@ -181,6 +181,12 @@ def safe_url(url: str | None = None) -> str:
     return str(Connection(url or conf.get().BROKER_URL).as_uri(include_password=False))
 
 
+def masked(text: str, url: str | None = None) -> str:
+    """``text`` (an error message, say) with the broker password replaced by ``****``."""
+    password = Connection(url or conf.get().BROKER_URL).password
+    return text.replace(password, "****") if password else text
+
+
 class Publisher:
     """One process's publishing connection; thread-safe, rebuilt after fork."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from kombu import Connection
 
-from . import broker
+from . import broker, conf
 from .exceptions import TasksQError
 
 #: Seconds to collect replies for, unless told otherwise.
@@ -23,17 +23,28 @@ class BrokerUnreachable(TasksQError):
     """The broker did not answer: nothing could be asked or done."""
 
 
+#: Seconds to wait for the broker to accept a connection.
+CONNECT_TIMEOUT = 2
+
+
 @contextlib.contextmanager
-def _connected(url: str | None = None) -> Iterator[Connection]:
-    conn = broker.connection(url)
+def _connected() -> Iterator[Connection]:
+    cfg = conf.get()
+    options = dict(cfg.BROKER_OPTIONS)
+    if cfg.BROKER_URL.startswith(("redis://", "rediss://")):
+        options.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
+        options.setdefault("socket_timeout", CONNECT_TIMEOUT)
+    conn = broker.connection(options=options)
+    conn.connect_timeout = CONNECT_TIMEOUT
     try:
-        # A command line or a health check must answer promptly, not wait for an outage to end.
-        conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.3,
-                               interval_max=0.5)
+        # A command line, a health check or a web page must answer promptly, not wait for an
+        # outage to end: one attempt, and one more after a short pause.
+        conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2,
+                               interval_max=0.2)
     except Exception as exc:  # noqa: BLE001 - kombu raises the transport's own errors
         conn.release()
-        raise BrokerUnreachable(f"Cannot reach the broker at {broker.safe_url(url)} "
-                                f"({type(exc).__name__}: {exc})") from exc
+        raise BrokerUnreachable(f"Cannot reach the broker at {broker.safe_url()} "
+                                f"({broker.masked(f'{type(exc).__name__}: {exc}')})") from exc
     try:
         yield conn
     finally:

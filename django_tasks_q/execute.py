@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import reprlib
 import signal
 import threading
 import traceback as tb_module
@@ -90,6 +91,23 @@ def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str =
                        "priority", "date_started", "date_done"],
     )
 
+#: The longest repr of a return value or exception an outcome carries (Celery's default).
+REPR_MAX = 1024
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = REPR_MAX
+_repr.maxlist = _repr.maxtuple = _repr.maxset = _repr.maxfrozenset = _repr.maxdeque = 100
+_repr.maxdict = 50
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` within ``REPR_MAX`` characters, in time bounded by its size limits."""
+    try:
+        text = _repr.repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not turn a success into an error
+        return f"<{type(value).__name__} object (repr failed)>"
+    return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
+
+
 REJECT = "REJECT"  # drop the message without storing anything
 REQUEUE = "REQUEUE"  # give the message back to the broker
 
@@ -103,10 +121,12 @@ class Outcome:
     runtime: float = 0.0
     error: str = ""  # "Type: message" for logs
     retire: bool = False  # the pool child that ran it exits now (its memory limit was passed)
-    # Only filled for inline (eager) runs, never sent between processes:
+    result_repr: str | None = None  # short repr of the return value, for SUCCESS (events)
+    exc_repr: str = ""  # short repr of the exception, for FAILURE and RETRY (events)
+    traceback: str | None = None  # for FAILURE and RETRY
+    # Only kept in the process that ran the task, never sent between processes:
     value: Any = None
     exc: BaseException | None = None
-    traceback: str | None = None
 
 
 def _fail(msg: TaskMessage, task: Task[Any, Any] | None, exc: BaseException, tb: str,
@@ -115,7 +135,7 @@ def _fail(msg: TaskMessage, task: Task[Any, Any] | None, exc: BaseException, tb:
         store(msg, TaskState.FAILURE, result=exception_info(exc), traceback=tb,
                       worker=hostname, date_started=started)
     return Outcome(TaskState.FAILURE, error=f"{type(exc).__name__}: {exc}", exc=exc,
-                   traceback=tb)
+                   exc_repr=short_repr(exc), traceback=tb)
 
 
 def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
@@ -198,7 +218,7 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
         logger.info("Task %s[%s] retry %d in %.1fs: %s", msg.name, msg.id, msg.retries + 1,
                     retry.when or 0, cause)
         return Outcome(TaskState.RETRY, retry_eta=eta.isoformat(), error=repr(cause),
-                       exc=retry.exc)
+                       exc=retry.exc, exc_repr=short_repr(cause), traceback=einfo)
     except Reject as rej:
         logger.warning("Task %s[%s] rejected (requeue=%s): %s", msg.name, msg.id, rej.requeue,
                        rej.reason)
@@ -224,5 +244,5 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
         store(msg, TaskState.SUCCESS, result=value, worker=hostname, date_started=started)
     task.on_success(value, msg.id, msg.args, msg.kwargs)
     signals.task_success.send(sender=task, result=value)
-    return Outcome(TaskState.SUCCESS, value=value,
+    return Outcome(TaskState.SUCCESS, value=value, result_repr=short_repr(value),
                    runtime=(datetime.now() - clock).total_seconds())

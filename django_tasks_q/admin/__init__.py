@@ -1,5 +1,5 @@
 """Surface: the admin: stored outcomes, periodic tasks and the dashboard."""
 
-from . import periodic, results
+from . import dashboard, periodic, results
 
-__all__ = ["periodic", "results"]
+__all__ = ["dashboard", "periodic", "results"]

@@ -97,6 +97,7 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
         outcome = execute.Outcome(execute.REQUEUE, error=f"{type(exc).__name__}: {exc}")
     finally:
         close_old_connections()
-    # Return values and exceptions stay here: only the plain outcome crosses the pipe.
-    outcome.value = outcome.exc = outcome.traceback = None
+    # Return values and exceptions stay here: only the plain outcome (their reprs, and a
+    # failure's traceback) crosses the pipe.
+    outcome.value = outcome.exc = None
     return outcome

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError
 from django.db import connection as db_connection
@@ -28,6 +28,9 @@ from .parking import PARK_AFTER, PARK_BATCH, PARK_COLLECT, Parking
 from .pool import LOST, Job, Pool
 from .ratelimit import RateLimits
 from .state import Tally, Watcher
+
+if TYPE_CHECKING:
+    from .events import Events
 
 logger = logging.getLogger("django_tasks_q.worker")
 
@@ -82,6 +85,8 @@ class Consumer:
         self.tally = Tally()
         #: Told of every task's way through (stats, heartbeats, events); see worker/state.py.
         self.watchers: list[Watcher] = [self.tally]
+        #: Celery-compatible events (worker/events.py), among the watchers when set.
+        self.events: Events | None = None
         self._revoked_since: datetime | None = None
         pool.on_done = self.on_done
         pool.on_slot = self._dispatch
@@ -157,6 +162,8 @@ class Consumer:
             hub.call_repeatedly(conn.transport.polling_interval or 0.1, self._poll)
         hub.propagate_errors = conn.connection_errors + conn.channel_errors
         self._refresh_revoked()
+        for watcher in self.watchers:  # before the first delivery, which they are told of
+            watcher.attach(hub, conn)
         self.kombu.consume()
         if self.on_ready is not None:
             self.on_ready()
@@ -168,8 +175,6 @@ class Consumer:
         self._channel = self.kombu.channel
         self._connected = True
         self._settle_orphans()
-        for watcher in self.watchers:
-            watcher.attach(hub, conn)
         timeout = conn.transport_options.get("visibility_timeout")
         if conn.transport.driver_type == "redis" and timeout:
             hub.call_repeatedly(max(1.0, float(timeout) / 4), self._keep_leases)

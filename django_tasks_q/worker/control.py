@@ -229,16 +229,14 @@ HANDLERS["conf"] = HANDLERS.pop("conf_")
 
 
 def _set_events(state: Control, on: bool) -> dict[str, str]:
-    events = getattr(state.consumer, "events", None)
-    if events is None:
-        return {"error": "events are not available on this worker"}
+    events = state.consumer.events
     word = "enabled" if on else "disabled"
+    if events is None:
+        return {"error": f"task events cannot be {word} on this worker"}
     if events.enabled == on:
         return {"ok": f"task events already {word}"}
-    if on:
-        events.enable()
-    else:
-        events.disable()
+    if not (events.enable() if on else events.disable()):
+        return {"error": f"task events cannot be {word} on {broker.safe_url()}"}
     return {"ok": f"task events {word}"}
 
 
@@ -246,6 +244,14 @@ def _set_events(state: Control, on: bool) -> dict[str, str]:
 def enable_events(state: Control, **kwargs: Any) -> dict[str, str]:
     """Start sending task events (as ``-E`` does)."""
     return _set_events(state, True)
+
+
+@command
+def heartbeat(state: Control, **kwargs: Any) -> None:
+    """Send a worker-heartbeat event now: event receivers (Flower, ``celery events``) ask for
+    one when they start. Nothing is replied, as with Celery."""
+    if state.consumer.events is not None:
+        state.consumer.events.heartbeat()
 
 
 @command

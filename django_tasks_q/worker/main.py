@@ -15,6 +15,9 @@ from .. import broker, conf, registry, signals
 from ..beat import Beat
 from .child import drop_inherited_db_connections
 from .consumer import Consumer
+from .control import Control
+from .events import Events
+from .heartbeat import Heartbeat
 from .pool import POOLS
 
 logger = logging.getLogger("django_tasks_q.worker")
@@ -35,6 +38,7 @@ class WorkerOptions:
     soft_time_limit: float | None = None
     autoscale: tuple[int, int] | None = None  # (MAX, MIN) prefork children; wins over concurrency
     beat: bool = False  # run taskbeat in a process of its own beside the worker (-B)
+    events: bool = False  # send Celery's monitoring events from the start (-E)
 
 
 def default_hostname() -> str:
@@ -70,6 +74,14 @@ class Worker:
                                  time_limit=options.time_limit,
                                  soft_time_limit=options.soft_time_limit)
         self.consumer.on_ready = self._ready
+        # Always there, so that a monitor's enable_events can switch it on later.
+        events = self.consumer.events = Events(
+            self.hostname, enabled=options.events,
+            counts=lambda: (len(self.pool.active()), self.consumer.tally.processed))
+        self.consumer.watchers.append(events)
+        self.control = Control(self.consumer, options.pool, self.consumer.prefetch)
+        self.consumer.watchers.append(self.control)
+        self.consumer.watchers.append(Heartbeat(self.consumer, options.pool))
         self._signals = 0
         self._beat_pid: int | None = None
 

@@ -11,7 +11,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from django_tasks_q import conf, control, results
+from django_tasks_q import conf, control, monitor, results
 from django_tasks_q.exceptions import TasksQError
 
 #: Exit status when no worker answered (``ping``/``inspect``): what a health check looks at.
@@ -174,6 +174,7 @@ class Command(BaseCommand):
                 f"Deleting task results finished before {cutoff:%Y-%m-%d %H:%M:%S %Z}")
         total = results.prune(cutoff, progress=None if quiet else
                               lambda n: self.stdout.write(f"  {n} deleted"))
+        monitor.prune()  # the dashboard's history, as the hourly prune does
         self.emit({"deleted": total, "before": cutoff.isoformat()},
                   lambda: self.stdout.write(self.style.SUCCESS(f"Deleted {total} task "
                                                                f"result(s).")))

@@ -42,6 +42,9 @@ class Command(BaseCommand):
         parser.add_argument("-B", "--beat", action="store_true",
                             help="Also run taskbeat, in a process of its own (for development; "
                                  "in production run manage.py taskbeat).")
+        parser.add_argument("-E", "--events", action="store_true",
+                            help="Send Celery-compatible monitoring events (for Flower or "
+                                 "celery events); Redis and RabbitMQ only.")
         parser.add_argument("--soft-time-limit", type=float, default=None,
                             help="Soft limit in seconds for tasks that set none (raises "
                                  "SoftTimeLimitExceeded inside the task).")
@@ -59,7 +62,7 @@ class Command(BaseCommand):
                 max_tasks_per_child=options["max_tasks_per_child"],
                 max_memory_per_child=options["max_memory_per_child"],
                 time_limit=options["time_limit"], soft_time_limit=options["soft_time_limit"],
-                beat=options["beat"]))
+                beat=options["beat"], events=options["events"]))
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         if autoscale is not None and concurrency is not None:
