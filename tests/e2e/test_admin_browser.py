@@ -4,50 +4,20 @@ typed, and the form saves."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..conftest import in_ci
+from .browser import browser, screenshot  # noqa: F401 - the browser fixture
 from .conftest import Project
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        message = ("Chromium is not installed: apt-get install chromium chromium-driver "
-                   "to run this test")
-        if in_ci():
-            pytest.fail(message + " (CI=true: a missing browser is a failure)")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                 "--window-size=1600,1100"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.mark.parametrize("project", ["django-sqlite"], indirect=True)
 def test_the_add_form_follows_the_schedule_type_previews_runs_and_saves(
-        browser: Any, project: Project) -> None:
+        browser: Any, project: Project) -> None:  # noqa: F811 - the imported fixture
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.wait import WebDriverWait
@@ -97,10 +67,3 @@ def test_the_add_form_follows_the_schedule_type_previews_runs_and_saves(
     saved = project.producer.call("periodic_task", name="weekday-report")
     assert (saved["crontab"], saved["interval"], saved["args"]) == ("30 2 * * 1-5", None, [6, 7])
     screenshot(browser, "periodic-task-list.png")
-
-
-def screenshot(browser: Any, name: str) -> None:
-    """With SCREENSHOTS_DIR set, keep what the browser shows (the docs' pictures come from it)."""
-    folder = os.environ.get("SCREENSHOTS_DIR")
-    if folder:
-        browser.save_screenshot(str(Path(folder) / name))

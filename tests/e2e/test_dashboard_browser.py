@@ -4,12 +4,8 @@ worker as online, and refreshes itself without a reload."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,41 +13,15 @@ from django.utils import timezone
 
 from django_tasks_q import monitor
 
-from ..conftest import in_ci
+from .browser import browser, screenshot  # noqa: F401 - the browser fixture
 from .conftest import PYTHON, REPO, Project
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 TASKS = "testproject.testapp.tasks"
 # An hour's history of a worker that has stopped since: minutes ago -> (processed, failed).
 HISTORY = {ago: (12 + (ago * 7) % 23, (ago * 5) % 7 // 4) for ago in range(22, 56)}
 PREVIOUS = "w0.previous@e2e"
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        message = ("Chromium is not installed: apt-get install chromium chromium-driver "
-                   "to run this test")
-        if in_ci():
-            pytest.fail(message + " (CI=true: a missing browser is a failure)")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                 "--window-size=1400,1150"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def seed_history(project: Project) -> dict[str, tuple[int, int]]:
@@ -79,10 +49,11 @@ def seed_history(project: Project) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize("project", ["django-sqlite"], indirect=True)
 def test_the_dashboard_draws_the_chart_lists_the_worker_and_refreshes(
-        browser: Any, project: Project) -> None:
+        browser: Any, project: Project) -> None:  # noqa: F811 - the imported fixture
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.wait import WebDriverWait
 
+    browser.set_window_size(1400, 1150)  # the docs' picture
     history = seed_history(project)
     worker = project.worker(concurrency=4)
     project.producer.call("create_superuser", username="root", password="pw")
@@ -139,10 +110,3 @@ def test_the_dashboard_draws_the_chart_lists_the_worker_and_refreshes(
     assert browser.find_element(By.ID, "dtq-totals").text == (
         f"{processed} processed, {failed} failed")
     screenshot(browser, "dashboard.png")
-
-
-def screenshot(browser: Any, name: str) -> None:
-    """With SCREENSHOTS_DIR set, keep what the browser shows (the docs' pictures come from it)."""
-    folder = os.environ.get("SCREENSHOTS_DIR")
-    if folder:
-        browser.save_screenshot(str(Path(folder) / name))

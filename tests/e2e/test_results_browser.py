@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from .browser import browser, screenshot  # noqa: F401 - the browser fixture
 from .conftest import Project
-from .test_admin_browser import browser, screenshot  # noqa: F401 - the browser fixture
 
 pytestmark = pytest.mark.e2e
 

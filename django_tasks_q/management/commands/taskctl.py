@@ -68,7 +68,12 @@ class Command(BaseCommand):
         else:
             text()
 
-    def no_answer(self, options: dict[str, Any]) -> None:
+    def answered(self, replies: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """``replies``; when there are none, say so and exit with NO_ANSWER."""
+        if replies:
+            return replies
+        if self.as_json:
+            self.stdout.write("{}")
         who = f"of {options['destination']} " if options.get("destination") else ""
         raise CommandError(f"No worker {who}answered within {options['timeout']:g}s. Is a "
                            f"worker running (manage.py taskworker) on this broker?",
@@ -81,11 +86,8 @@ class Command(BaseCommand):
 
     # -- commands -----------------------------------------------------------------------------
     def do_ping(self, **options: Any) -> None:
-        replies = control.ping(self.destination(options), options["timeout"])
-        if not replies:
-            if self.as_json:
-                self.stdout.write("{}")
-            self.no_answer(options)
+        replies = self.answered(control.ping(self.destination(options), options["timeout"]),
+                                options)
 
         def text() -> None:
             for name, reply in sorted(replies.items()):
@@ -96,11 +98,8 @@ class Command(BaseCommand):
 
     def do_inspect(self, **options: Any) -> None:
         what = options["what"]
-        replies = control.inspect(what, self.destination(options), options["timeout"])
-        if not replies:
-            if self.as_json:
-                self.stdout.write("{}")
-            self.no_answer(options)
+        replies = self.answered(
+            control.inspect(what, self.destination(options), options["timeout"]), options)
 
         def text() -> None:
             for name, reply in sorted(replies.items()):
