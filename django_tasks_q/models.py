@@ -13,8 +13,8 @@ from django.utils import timezone
 from . import conf, schedules
 from .states import READY_STATES, TaskState
 
-__all__ = ["READY_STATES", "ParkedMessage", "PeriodicRun", "PeriodicTask", "QueueMessage",
-           "SchedulerLease", "TaskCount", "TaskResult", "TaskState", "WorkerState"]
+__all__ = ["READY_STATES", "ParkedMessage", "PeriodicRun", "PeriodicTask", "QueueBinding",
+           "QueueMessage", "SchedulerLease", "TaskCount", "TaskResult", "TaskState", "WorkerState"]
 
 
 class TaskResult(models.Model):
@@ -262,3 +262,28 @@ class ParkedMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_id} due {self.due_at:%Y-%m-%d %H:%M:%S}"
+
+
+class QueueBinding(models.Model):
+    """A binding of the embedded ``django://`` broker, seen by every process that publishes."""
+
+    exchange = models.CharField(max_length=200)
+    routing_key = models.CharField(max_length=255, blank=True)
+    pattern = models.TextField(blank=True, help_text="Topic exchanges: the routing key as a regex.")
+    queue = models.CharField(max_length=200)
+    expires = models.FloatField(null=True, blank=True,
+                                help_text="x-expires: seconds the queue lasts unused.")
+    message_ttl = models.FloatField(null=True, blank=True,
+                                    help_text="x-message-ttl: seconds a message lasts unread.")
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True,
+                                      help_text="Removed with the queue's messages after this, "
+                                                "unless a consumer keeps it alive.")
+
+    class Meta:
+        verbose_name = "queue binding"
+        constraints = [models.UniqueConstraint(fields=["exchange", "routing_key", "queue"],
+                                               name="dtq_binding_once")]
+        indexes = [models.Index(fields=["queue"], name="dtq_binding_queue")]
+
+    def __str__(self) -> str:
+        return f"{self.exchange}[{self.routing_key}] -> {self.queue}"

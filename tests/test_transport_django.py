@@ -441,9 +441,10 @@ CONSUMER_PROCESS = textwrap.dedent("""
     if mode == "publish":
         if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
             from django.db import connection
-            from django_tasks_q.models import QueueMessage
+            from django_tasks_q.models import QueueBinding, QueueMessage
             with connection.schema_editor() as editor:
                 editor.create_model(QueueMessage)
+                editor.create_model(QueueBinding)
         with Connection("django://") as conn:
             producer = Producer(conn)
             for n in range(int(arg)):

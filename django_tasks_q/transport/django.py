@@ -3,13 +3,15 @@
 Each message is one ``QueueMessage`` row. A consumer claims rows with a lease (``visible_at``
 moved ``visibility_timeout`` seconds ahead), renews the leases of what it still holds while it
 polls, and deletes a row when the message is acked; a consumer that dies simply stops renewing,
-so its messages are delivered again once their leases run out.
+so its messages are delivered again once their leases run out. Exchanges route by bindings
+kept in the database (``bindings.py``), so remote control works across processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -27,7 +29,9 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from django.db.models import F, Q
 from django.utils import timezone
 from kombu.transport import TRANSPORT_ALIASES, virtual
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import loads
+
+from .bindings import EXPIRES_AT, RoutingChannel, State
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -131,7 +135,7 @@ class QoS(virtual.QoS):
         return []
 
 
-class Channel(virtual.Channel):
+class Channel(RoutingChannel):
     """A session on the ``QueueMessage`` table: publishes rows, claims, renews and settles them."""
 
     QoS = QoS
@@ -149,6 +153,7 @@ class Channel(virtual.Channel):
         self._held: dict[str, int] = {}  # tag -> row id: claimed here and not yet settled
         self._no_ack: set[str] = set()
         self._renew_at = time.monotonic() + self.visibility_timeout / 3
+        self._quiet_until = 0.0  # monotonic time before which an empty channel is not polled
 
     @property
     def db(self) -> BaseDatabaseWrapper:
@@ -188,7 +193,7 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: Raw, **kwargs: Any) -> None:
         """Insert the message as a row; inside ``transaction.atomic()`` it joins the caller's."""
-        fields = {"queue": queue, "payload": dumps(message), "visible_at": timezone.now(),
+        fields = {"queue": queue, "payload": self._payload(message), "visible_at": timezone.now(),
                   "priority": self._get_message_priority(message)}
         self._run(lambda: self._rows().create(**fields))
 
@@ -203,33 +208,9 @@ class Channel(virtual.Channel):
         """Delete the ready messages of `queue`; like AMQP, those in flight stay."""
         return self._run(lambda: self._ready(queue).delete()[0])
 
-    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        """Delete every message of `queue`, in flight or not."""
-        self._run(lambda: self._rows().filter(queue=queue).delete())
-
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         """Queues exist implicitly: any name may be published to and consumed from."""
         return True
-
-    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
-                     **kwargs: Any) -> None:
-        """Delete `queue` even when this process never declared its bindings."""
-        if if_empty and self._size(queue):
-            return
-        bound = bool(self.state.queue_index.get(queue))
-        super().queue_delete(queue, if_unused=if_unused, **kwargs)
-        if not bound:
-            self._delete(queue)
-
-    def _lookup(self, exchange: str, routing_key: str, default: str | None = None) -> Any:
-        # Bindings live in each process's memory. A publisher that never declared the
-        # consumer's queue still reaches it in the layout used everywhere here (a direct
-        # exchange, queue and routing key of one name); any other unrouted message is
-        # dropped, as AMQP would.
-        queues = super()._lookup(exchange, routing_key, default)
-        if not queues and exchange == routing_key and self.typeof(exchange).type == "direct":
-            return [routing_key]
-        return queues
 
     # -- consuming ----------------------------------------------------------------------------
 
@@ -242,7 +223,18 @@ class Channel(virtual.Channel):
         else:
             found = self._claim_conditionally(queues, limit, now, lease)
         found.sort(key=lambda row: (-row[4], row[0]))
-        return [self._decode(*row[:4]) for row in found]
+        claimed = [self._decode(*row[:4]) for row in found]
+        # A message past its ``expiration`` is dropped when it comes up, as RabbitMQ does.
+        expired = {message["properties"]["delivery_tag"] for _, message in claimed
+                   if message.pop(EXPIRES_AT, math.inf) <= time.time()}
+        if expired:
+            try:
+                self._settle(expired, requeue=False)
+            except DatabaseError:  # their leases run out, and the next claim drops them
+                for tag in expired:
+                    self._held.pop(tag, None)
+            claimed = [(q, m) for q, m in claimed if m["properties"]["delivery_tag"] not in expired]
+        return claimed
 
     def _claim_skip_locked(self, queues: list[str], limit: int, now: datetime,
                            lease: datetime) -> list[Row]:
@@ -316,7 +308,9 @@ class Channel(virtual.Channel):
             cursor.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
 
     def renew_leases(self) -> None:
-        """Every third of the lease, push forward the leases of all rows still held."""
+        """Every third of the lease, push forward the leases of all rows still held (and keep
+        this process's expiring queues alive)."""
+        self.keep_queues_alive()
         now = time.monotonic()
         if now < self._renew_at:
             return
@@ -353,12 +347,17 @@ class Channel(virtual.Channel):
         if not self._consumers or not self.qos.can_consume():
             raise Empty()
         if not self._buffer:
+            now = time.monotonic()
+            if now < self._quiet_until:
+                raise Empty()
             queues = list(dict.fromkeys(self._active_queues))
             # Claim what prefetch allows; without a prefetch limit take one at a time,
             # so one consumer does not hoard what others could run.
             limit = min(self.qos.can_consume_max_estimate() or 1, CLAIM_MAX)
             self._buffer.extend(self._claim_or_nothing(queues, limit))
             if not self._buffer:
+                if self._polled_lazily(queues):
+                    self._quiet_until = now + (self.connection.polling_interval or 0.0)
                 raise Empty()
         queue, message = self._buffer.popleft()
         if queue in self._no_ack:
@@ -411,8 +410,9 @@ class Transport(virtual.Transport):
 
     Channel = Channel
 
-    #: Exchanges and bindings are shared by all connections of a process, as on a broker.
-    global_state = virtual.BrokerState()
+    #: Exchanges, and what this process declared, are shared by all its connections; the
+    #: bindings that route messages are rows seen by every process (bindings.py).
+    global_state = State()
 
     #: Seconds between polls of an idle consumer (transport option ``polling_interval``).
     polling_interval = 0.1
@@ -433,7 +433,8 @@ class Transport(virtual.Transport):
     recoverable_channel_errors = ()
 
     implements = virtual.Transport.implements.extend(
-        asynchronous=False, exchange_type=frozenset(["direct", "topic"]), heartbeats=False)
+        asynchronous=False, exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False)
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)

@@ -43,6 +43,7 @@ DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running t
 POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take
 WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
 WATCHDOG_STRIKES = 2  # looks in a row that find work waiting and nothing received
+KEEP_TERMINATED = 1000  # ids of tasks killed on revoke that a later revoke can be told of
 
 
 class Consumer:
@@ -80,6 +81,7 @@ class Consumer:
         self._stalled = False
         self._database = Outage(logger, "The database is reachable again")
         self.revoked: set[str] = set()
+        self._terminated: dict[str, None] = {}  # ids killed on revoke, oldest first
         self.rate_limits = RateLimits()
         self.parking = Parking(hostname)
         self.tally = Tally()
@@ -258,11 +260,16 @@ class Consumer:
         # prefetch window bounds what is taken (it widens while messages wait to be parked);
         # POLL_MOST only keeps one poll from holding up the event loop for long.
         for _ in range(POLL_MOST):
-            if self.stopping or self.kombu is None or len(self.buffer) >= self.prefetch:
+            if self.stopping or self.kombu is None:
                 return
+            full = len(self.buffer) >= self.prefetch
             try:
+                # Even when full: the prefetch limit holds task messages back, and remote
+                # control (a channel of its own) is still answered.
                 self.connection.drain_events(timeout=0)
             except TimeoutError:
+                return
+            if full:
                 return
 
     def _begin_shutdown(self) -> None:
@@ -432,16 +439,20 @@ class Consumer:
 
     def revoke(self, task_ids: set[str], terminate: bool = False) -> list[str]:
         """Run none of ``task_ids`` from now on; with ``terminate``, kill those running now.
-        Returns the ids of those terminated."""
+        Returns the ids of those terminated (now, or already by an earlier revocation)."""
         self.revoked.update(task_ids)
-        killed = []
-        if terminate and task_ids:
-            for job in self.pool.active():
-                if job.msg.id in task_ids and not job.revoked:
-                    job.revoked = True
-                    self.pool.terminate(job)
-                    killed.append(job.msg.id)
-        return killed
+        if not (terminate and task_ids):
+            return []
+        for job in self.pool.active():
+            if job.msg.id in task_ids and not job.revoked:
+                job.revoked = True
+                self.pool.terminate(job)
+                self._terminated[job.msg.id] = None
+                while len(self._terminated) > KEEP_TERMINATED:
+                    del self._terminated[next(iter(self._terminated))]
+        # Whichever way the revocation arrived first (the result store, or remote control),
+        # the reply names the tasks this worker stopped for it.
+        return [task_id for task_id in task_ids if task_id in self._terminated]
 
     def _database_failed(self, what: str, exc: Exception) -> None:
         with contextlib.suppress(Exception):
