@@ -10,7 +10,7 @@ from typing import Any
 from django.db.models import Sum
 from django.utils import timezone
 
-from . import broker, conf
+from . import broker, conf, control
 from .models import TaskCount, WorkerState
 
 #: Seconds between a worker's heartbeats (each one writes its ``WorkerState`` row).
@@ -91,8 +91,6 @@ def queue_names(found: list[WorkerInfo]) -> list[str]:
 def queue_lengths(names: list[str]) -> QueueLengths:
     """Ready messages in each of ``names``; an unreachable broker is reported in ``error``
     (without its password), not raised."""
-    from . import control  # the broker is only asked when the page is shown
-
     try:
         sizes = control.queue_lengths(names)
     except Exception as exc:  # noqa: BLE001 - whatever the broker did, the page still renders

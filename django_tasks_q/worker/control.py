@@ -34,10 +34,14 @@ HANDLERS: dict[str, Handler] = {}
 SECRET_WORDS = ("password", "secret", "token", "key")
 
 
-def command(fn: Handler) -> Handler:
-    """Register ``fn`` as the handler of the remote-control command of the same name."""
-    HANDLERS[fn.__name__] = fn
-    return fn
+def command(fn: Handler | None = None, *, name: str = "") -> Any:
+    """Register ``fn`` as the handler of the remote-control command ``name`` (default: the
+    function's own name); as ``@command`` or ``@command(name=…)``."""
+    def register(handler: Handler) -> Handler:
+        HANDLERS[name or handler.__name__] = handler
+        return handler
+
+    return register(fn) if fn is not None else register
 
 
 class Control(Watcher):
@@ -208,7 +212,7 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool | list | dict)
 
 
-@command
+@command(name="conf")
 def conf_(state: Control, with_defaults: bool = False, **kwargs: Any) -> dict[str, Any]:
     """The worker's ``TASKS_Q`` settings (the broker URL without its password)."""
     cfg = conf.get()
@@ -223,9 +227,6 @@ def conf_(state: Control, with_defaults: bool = False, **kwargs: Any) -> dict[st
             value = value.total_seconds()
         out[key] = value if _plain(value) else repr(value)
     return out
-
-
-HANDLERS["conf"] = HANDLERS.pop("conf_")
 
 
 def _set_events(state: Control, on: bool) -> dict[str, str]:

@@ -47,3 +47,20 @@ def screenshot(browser: Any, name: str) -> None:
     folder = os.environ.get("SCREENSHOTS_DIR")
     if folder:
         browser.save_screenshot(str(Path(folder) / name))
+
+
+def log_in(browser: Any, project: Any, timeout: float = 10) -> tuple[str, Any]:
+    """Start the project's web server, make a superuser and log the browser in as it; the
+    server's base URL and a ``WebDriverWait`` of ``timeout`` seconds."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    project.producer.call("create_superuser", username="root", password="pw")
+    base = project.server().url
+    browser.get(f"{base}/admin/login/")
+    browser.find_element(By.NAME, "username").send_keys("root")
+    browser.find_element(By.NAME, "password").send_keys("pw")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    wait = WebDriverWait(browser, timeout)
+    wait.until(lambda _: "/admin/login/" not in browser.current_url)  # logged in
+    return base, wait

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .browser import browser, screenshot  # noqa: F401 - the browser fixture
+from .browser import browser, log_in, screenshot  # noqa: F401 - the browser fixture
 from .conftest import Project
 
 pytestmark = pytest.mark.e2e
@@ -20,16 +20,8 @@ def test_the_add_form_follows_the_schedule_type_previews_runs_and_saves(
         browser: Any, project: Project) -> None:  # noqa: F811 - the imported fixture
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
-    from selenium.webdriver.support.wait import WebDriverWait
 
-    project.producer.call("create_superuser", username="root", password="pw")
-    base = project.server().url
-    browser.get(f"{base}/admin/login/")
-    browser.find_element(By.NAME, "username").send_keys("root")
-    browser.find_element(By.NAME, "password").send_keys("pw")
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    wait = WebDriverWait(browser, 10)
-    wait.until(lambda _: "/admin/login/" not in browser.current_url)  # logged in
+    base, wait = log_in(browser, project)
     browser.get(f"{base}/admin/django_tasks_q/periodictask/add/")
 
     def row(name: str) -> Any:

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from django_tasks_q import monitor
 
-from .browser import browser, screenshot  # noqa: F401 - the browser fixture
+from .browser import browser, log_in, screenshot  # noqa: F401 - the browser fixture
 from .conftest import PYTHON, REPO, Project
 
 pytestmark = pytest.mark.e2e
@@ -56,14 +56,7 @@ def test_the_dashboard_draws_the_chart_lists_the_worker_and_refreshes(
     browser.set_window_size(1400, 1150)  # the docs' picture
     history = seed_history(project)
     worker = project.worker(concurrency=4)
-    project.producer.call("create_superuser", username="root", password="pw")
-    base = project.server().url
-    browser.get(f"{base}/admin/login/")
-    browser.find_element(By.NAME, "username").send_keys("root")
-    browser.find_element(By.NAME, "password").send_keys("pw")
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    wait = WebDriverWait(browser, 10)
-    wait.until(lambda _: "/admin/login/" not in browser.current_url)  # logged in
+    base, wait = log_in(browser, project)
     # Reached from the admin's index.
     browser.find_element(By.LINK_TEXT, "Dashboard").click()
     wait.until(lambda _: browser.current_url.endswith("/admin/django_tasks_q/dashboard/"))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .browser import browser, screenshot  # noqa: F401 - the browser fixture
+from .browser import browser, log_in, screenshot  # noqa: F401 - the browser fixture
 from .conftest import Project
 
 pytestmark = pytest.mark.e2e
@@ -25,9 +25,7 @@ def test_a_failure_is_listed_shown_with_its_traceback_and_retried(
         browser: Any, project: Project) -> None:  # noqa: F811 - the imported fixture
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
-    from selenium.webdriver.support.wait import WebDriverWait
 
-    project.producer.call("create_superuser", username="root", password="pw")
     project.worker(concurrency=1)
     declined = project.create_order("ann@declined.example")
     failed = project.send(f"{TASKS}.charge_payment", declined)
@@ -36,13 +34,7 @@ def test_a_failure_is_listed_shown_with_its_traceback_and_retried(
     rows = project.wait_results([failed, *others])
     assert rows[failed]["status"] == "FAILURE", rows[failed]
 
-    base = project.server().url
-    browser.get(f"{base}/admin/login/")
-    browser.find_element(By.NAME, "username").send_keys("root")
-    browser.find_element(By.NAME, "password").send_keys("pw")
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    wait = WebDriverWait(browser, 15)
-    wait.until(lambda _: "/admin/login/" not in browser.current_url)  # logged in
+    base, wait = log_in(browser, project, timeout=15)
 
     # The list: the failure's row, newest first among the others.
     browser.get(f"{base}{LIST}")
