@@ -59,8 +59,8 @@ class Producer:
         """Send ``count`` messages of ``name`` (args ``[i, i]``) due in ``countdown`` seconds.
 
         In bulk, for tests that need many messages in the queue. On AMQP without a confirm per
-        message, then one round trip on the same channel that returns only once RabbitMQ has
-        routed every one of them. On django:// the rows are inserted a thousand per statement,
+        message, but with a round trip on the same channel after each thousand and at the end,
+        which returns only once RabbitMQ has routed every message before it. On django:// the rows are inserted a thousand per statement,
         each batch committed on its own so workers consume meanwhile. The queue must exist (a
         worker declared it).
         """
@@ -78,6 +78,7 @@ class Producer:
         with broker.connection(options=options) as conn:
             channel = conn.default_channel
             embedded = conn.transport_cls == "django"
+            amqp = conn.transport.driver_type == "amqp"
             rows: list[QueueMessage] = []
             if embedded:
                 # Published as usual, but stored here rather than one INSERT at a time.
@@ -95,10 +96,14 @@ class Producer:
                 producer.publish(body, exchange="", routing_key=queue, headers=headers,
                                  content_type="application/json", content_encoding="utf-8",
                                  delivery_mode=2, **properties)
+                if amqp and i % 1000 == 999:
+                    # One round trip per thousand: the burst never outruns RabbitMQ's flow
+                    # control far enough for a socket write to time out.
+                    channel.queue_declare(queue=queue, passive=True)
             if embedded:
                 for first in range(0, len(rows), 1000):
                     QueueMessage.objects.bulk_create(rows[first:first + 1000])
-            elif conn.transport.driver_type == "amqp":
+            elif amqp:
                 # Frames of a channel are handled in order: this answer comes after them all.
                 channel.queue_declare(queue=queue, passive=True)
         return count
