@@ -62,8 +62,7 @@ class Producer:
         message, but with a round trip on the same channel after each thousand and at the end,
         which returns only once RabbitMQ has routed every message before it. On django:// the
         rows are inserted a thousand per statement, each batch committed on its own so workers
-        consume meanwhile. The queue must exist (a
-        worker declared it).
+        consume meanwhile. The queue must exist (a worker declared it).
         """
         from datetime import timedelta
 
