@@ -9,8 +9,10 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from kombu import Connection, Exchange, Producer, Queue
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 from kombu.message import Message
+from kombu.messaging import Producer
 from kombu.pidbox import Mailbox
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis

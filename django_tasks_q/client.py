@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,12 @@ from .execute import current_request, mode_for
 if TYPE_CHECKING:
     from .results import AsyncResult
     from .task import Task
+
+
+#: Takes messages in place of the broker while ``django_tasks_q.testing.capture_tasks()`` is
+#: active: called with (body, headers, queue, priority, the time the task was sent).
+Capture = Callable[[str, dict[str, Any], str, int | None, datetime], None]
+capture: Capture | None = None
 
 
 class UnknownQueue(TasksQError, ValueError):
@@ -136,7 +143,7 @@ def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
         ignore_result=mode_for(task) != "all", queue=queue, priority=priority,
         headers=dict(headers or {}),
     )
-    if conf.get().EAGER:
+    if conf.get().EAGER and capture is None:  # a test capturing tasks wants to see them
         return run_eager(task, msg)
     publish(msg, body)
     return results.AsyncResult(msg.id, task=task)
@@ -144,11 +151,11 @@ def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
 
 def run_eager(task: Task[Any, Any], msg: message.TaskMessage) -> AsyncResult:
     """Run ``msg`` inline, retries included (without waiting), for ``EAGER`` mode."""
-    from . import execute, results
+    from . import execute, results, states
 
     while True:
         outcome = execute.run(msg, hostname="eager", eager=True)
-        if outcome.status != execute.TaskState.RETRY:
+        if outcome.status != states.TaskState.RETRY:
             break
         msg.retries += 1
     return results.EagerResult(msg.id, task, outcome.status, value=outcome.value,
@@ -159,20 +166,42 @@ def publish(msg: message.TaskMessage, body: str | None = None, defer: bool = Tru
     """Publish ``msg`` now, or when the current transaction commits (``ENQUEUE_ON_COMMIT``;
     ``defer=False`` publishes now in any case)."""
     encoded, headers, properties = message.encode(msg, body)
+    # A task sent while tests capture stays captured, even when its commit comes later.
+    captured_by, sent_at = capture, datetime.now(UTC)
 
     def do_publish() -> None:
-        signals.before_task_publish.send(sender=msg.name, headers=headers, body=encoded,
-                                         routing_key=msg.queue)
-        broker.publisher().publish(encoded, headers, properties, msg.queue, msg.priority)
-        signals.after_task_publish.send(sender=msg.name, headers=headers, body=encoded,
-                                        routing_key=msg.queue)
+        # As Celery sends them: the body decoded, the default exchange routing by queue name.
+        body_parts = (msg.args, msg.kwargs, msg.embed)
+        signals.before_task_publish.send(
+            sender=msg.name, body=body_parts, exchange="", routing_key=msg.queue,
+            headers=headers, properties=properties, declare=[],
+            retry_policy=broker.PUBLISH_RETRY_POLICY)
+        sink = captured_by or capture
+        if sink is not None:
+            sink(encoded, headers, msg.queue, msg.priority, sent_at)
+        else:
+            broker.publisher().publish(encoded, headers, properties, msg.queue, msg.priority)
+        signals.after_task_publish.send(sender=msg.name, body=body_parts, exchange="",
+                                        routing_key=msg.queue, headers=headers)
 
     cfg = conf.get()
-    if (defer and cfg.ENQUEUE_ON_COMMIT and transaction.get_connection().in_atomic_block
-            and not _in_same_database(cfg)):
+    # Captured messages never reach the database, so they wait for the commit on any broker.
+    if (defer and cfg.ENQUEUE_ON_COMMIT and _in_transaction()
+            and (captured_by is not None or not _in_same_database(cfg))):
         transaction.on_commit(do_publish)
     else:
         do_publish()
+
+
+def _in_transaction() -> bool:
+    """True inside the caller's ``transaction.atomic()`` on the default database."""
+    conn = transaction.get_connection()
+    # Django's TestCase wraps each test in atomic blocks of its own (marked _from_testcase):
+    # code outside the test's own atomic() runs in autocommit in production, so it publishes
+    # at once here too, rather than on a commit that never comes.
+    return conn.in_atomic_block and (
+        not conn.atomic_blocks
+        or any(not getattr(block, "_from_testcase", False) for block in conn.atomic_blocks))
 
 
 def _in_same_database(cfg: conf.Settings) -> bool:

@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "SOFT_TIME_LIMIT": None,
     "BEAT_SCHEDULE": {},
     "TIMEZONE": None,
+    # What a worker decodes; this app always sends JSON. "pickle" lets senders run code.
+    "ACCEPT_CONTENT": ["json"],
 }
 
 
@@ -55,6 +57,7 @@ class Settings:
     SOFT_TIME_LIMIT: float | None
     BEAT_SCHEDULE: dict[str, Any]
     TIMEZONE: str
+    ACCEPT_CONTENT: list[str]
     unknown_keys: tuple[str, ...] = field(default=())
     queues_explicit: bool = False
 

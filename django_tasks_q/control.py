@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from kombu import Connection
+from kombu.connection import Connection
 
 from . import broker, conf
 from .exceptions import TasksQError

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import reprlib
 import signal
 import threading
 import traceback as tb_module
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from asgiref.sync import async_to_sync
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils import timezone
 
@@ -141,7 +144,7 @@ def _fail(msg: TaskMessage, task: Task[Any, Any] | None, exc: BaseException, tb:
 def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
     """Run ``msg`` through the gates and the task; store what the result mode asks for."""
     try:
-        task = registry.get(msg.name)
+        task = registry.get(msg.name, msg.headers)
     except TaskNotRegistered as exc:
         logger.error("Task %s[%s] refused: %s", msg.name, msg.id, exc)
         return _fail(msg, None, exc, "", hostname, None)
@@ -152,24 +155,45 @@ def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
         if mode_for(task) != "none":
             store(msg, TaskState.REVOKED, worker=hostname,
                           result={"reason": "expired", "expires": msg.expires.isoformat()})
-        signals.task_revoked.send(sender=task, request=msg, expired=True, terminated=False)
+        signals.task_revoked.send(sender=task, request=request_for(msg, hostname, eager),
+                                  terminated=False, signum=None, expired=True)
         return Outcome(TaskState.REVOKED, error="expired")
 
-    request = Request(id=msg.id, task=msg.name, args=msg.args, kwargs=msg.kwargs,
-                      retries=msg.retries, eta=msg.eta, expires=msg.expires, queue=msg.queue,
-                      priority=msg.priority, hostname=hostname, root_id=msg.root_id,
-                      parent_id=msg.parent_id, headers=msg.headers, is_eager=eager,
-                      called_directly=False)
-    token = _current.set(request)
+    token = _current.set(request_for(msg, hostname, eager))
     started = timezone.now()
     signals.task_prerun.send(sender=task, task_id=msg.id, task=task, args=msg.args,
                              kwargs=msg.kwargs)
+    outcome: Outcome | None = None
     try:
-        return _invoke(task, msg, hostname, started, eager)
+        outcome = _invoke(task, msg, hostname, started, eager)
+        return outcome
     finally:
-        signals.task_postrun.send(sender=task, task_id=msg.id, task=task, args=msg.args,
-                                  kwargs=msg.kwargs)
+        _postrun(task, msg, outcome)
         _current.reset(token)
+
+
+#: ``task_postrun``'s ``state`` for outcomes that are not task states (Celery's name).
+POSTRUN_STATES = {REJECT: "REJECTED", REQUEUE: "REJECTED"}
+
+
+def _postrun(task: Task[Any, Any], msg: TaskMessage, outcome: Outcome | None) -> None:
+    """Send ``task_postrun``; no ``outcome``: it could not be stored (the message goes back)."""
+    retval: Any = None
+    state: str | None = None
+    if outcome is not None:
+        retval = outcome.value if outcome.status == TaskState.SUCCESS else outcome.exc
+        state = POSTRUN_STATES.get(outcome.status, outcome.status)
+    signals.task_postrun.send(sender=task, task_id=msg.id, task=task, args=msg.args,
+                              kwargs=msg.kwargs, retval=retval, state=state)
+
+
+def request_for(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Request:
+    """The ``Request`` a run of ``msg`` sees as ``self.request`` (and signals carry)."""
+    return Request(id=msg.id, task=msg.name, args=msg.args, kwargs=msg.kwargs,
+                   retries=msg.retries, eta=msg.eta, expires=msg.expires, queue=msg.queue,
+                   priority=msg.priority, hostname=hostname, root_id=msg.root_id,
+                   parent_id=msg.parent_id, headers=msg.headers, is_eager=eager,
+                   called_directly=False)
 
 
 @contextlib.contextmanager
@@ -194,13 +218,43 @@ def soft_time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def run_coroutine(coro: Coroutine[Any, Any, Any], soft_limit: float | None = None) -> Any:
+    """Run ``coro`` to its end as Django's ``Task.call`` does (asgiref's ``async_to_sync``, so
+    ``sync_to_async`` code uses this thread's database connections); ``SoftTimeLimitExceeded``
+    once ``soft_limit`` seconds have passed."""
+    async def bounded() -> Any:
+        if not soft_limit:
+            return await coro
+        # SIGALRM would land in this thread, not in the loop running the coroutine: the loop
+        # cancels it instead, at its next await.
+        timer = asyncio.timeout(soft_limit)
+        try:
+            async with timer:
+                return await coro
+        except TimeoutError as exc:
+            if not timer.expired():
+                raise
+            raise SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g}s) exceeded") from exc
+
+    return async_to_sync(bounded)()
+
+
+def _call(task: Task[Any, Any], msg: TaskMessage, soft_limit: float | None) -> Any:
+    if inspect.iscoroutinefunction(task.run):
+        return run_coroutine(task(*msg.args, **msg.kwargs), soft_limit)
+    with soft_time_limit(soft_limit):
+        value = task(*msg.args, **msg.kwargs)
+    if inspect.iscoroutine(value):  # a sync wrapper around an async function
+        return run_coroutine(value, soft_limit)
+    return value
+
+
 def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: datetime,
             eager: bool) -> Outcome:
     clock = datetime.now()
     try:
         try:
-            with soft_time_limit(None if eager else msg.soft_time_limit):
-                value = task(*msg.args, **msg.kwargs)
+            value = _call(task, msg, None if eager else msg.soft_time_limit)
         except Retry:
             raise
         except Reject:
@@ -213,7 +267,8 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
         cause = retry.exc or retry
         einfo = tb_module.format_exc()
         task.on_retry(cause, msg.id, msg.args, msg.kwargs, einfo)
-        signals.task_retry.send(sender=task, request=msg, reason=cause, einfo=einfo)
+        signals.task_retry.send(sender=task, request=current_request(), reason=cause,
+                                einfo=einfo)
         eta = datetime.now(UTC) + timedelta(seconds=retry.when or 0)
         logger.info("Task %s[%s] retry %d in %.1fs: %s", msg.name, msg.id, msg.retries + 1,
                     retry.when or 0, cause)
@@ -226,9 +281,7 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
     except Exception as exc:
         einfo = tb_module.format_exc()
         outcome = _fail(msg, task, exc, einfo, hostname, started)
-        task.on_failure(exc, msg.id, msg.args, msg.kwargs, einfo)
-        signals.task_failure.send(sender=task, task_id=msg.id, exception=exc, args=msg.args,
-                                  kwargs=msg.kwargs, traceback=einfo)
+        _failed(task, msg, exc, einfo)
         logger.error("Task %s[%s] failed: %s", msg.name, msg.id, outcome.error)
         outcome.runtime = (datetime.now() - clock).total_seconds()
         return outcome
@@ -239,10 +292,19 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
         except (TypeError, ValueError) as exc:
             bad = TypeError(f"the return value ({type(value).__name__}) cannot be stored as "
                             f"JSON: {exc}; return plain data, or use results='errors'")
-            logger.error("Task %s[%s]: %s", msg.name, msg.id, bad)
-            return _fail(msg, task, bad, "", hostname, started)
+            logger.error("Task %s[%s] failed: %s", msg.name, msg.id, bad)
+            outcome = _fail(msg, task, bad, "", hostname, started)
+            _failed(task, msg, bad, "")
+            return outcome
         store(msg, TaskState.SUCCESS, result=value, worker=hostname, date_started=started)
     task.on_success(value, msg.id, msg.args, msg.kwargs)
     signals.task_success.send(sender=task, result=value)
     return Outcome(TaskState.SUCCESS, value=value, result_repr=short_repr(value),
                    runtime=(datetime.now() - clock).total_seconds())
+
+
+def _failed(task: Task[Any, Any], msg: TaskMessage, exc: BaseException, einfo: str) -> None:
+    """Tell the task's ``on_failure`` and the ``task_failure`` receivers."""
+    task.on_failure(exc, msg.id, msg.args, msg.kwargs, einfo)
+    signals.task_failure.send(sender=task, task_id=msg.id, exception=exc, args=msg.args,
+                              kwargs=msg.kwargs, traceback=einfo, einfo=einfo)

@@ -34,7 +34,8 @@ def rebuild_exception(info: Any) -> BaseException:
             return found(text)
     except Exception:  # noqa: BLE001 - fall back to a stand-in below
         pass
-    return type(name, (TaskFailed,), {"__module__": module})(text)
+    stand_in: TaskFailed = type(name, (TaskFailed,), {"__module__": module})(text)
+    return stand_in
 
 
 def store_state(task_id: str | None, task: Task[Any, Any], state: str, meta: Any) -> None:

@@ -6,7 +6,7 @@ import inspect
 import random
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import registry
 from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
@@ -133,7 +133,7 @@ class Task(Generic[P, R]):
         if not self.retry_backoff:
             return float(self.default_retry_delay)
         factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
-        countdown = min(float(self.retry_backoff_max), factor * (2 ** retries))
+        countdown: float = min(float(self.retry_backoff_max), factor * (2 ** retries))
         if self.retry_jitter:
             countdown = random.uniform(0, countdown)
         return countdown
@@ -171,16 +171,26 @@ class Task(Generic[P, R]):
         """Called in the worker when the task is to be retried."""
 
 
+# For type checkers: a task's parameters (P) and return type (R) are its function's, without
+# the first parameter when bind=True (the task itself, whatever type ``self`` is given).
 @overload
 def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 @overload
-def task(*, base: type[Task[Any, Any]] | None = None,
+def task(*, bind: Literal[True], base: type[Task[Any, Any]] | None = None,
+         **options: Any) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+@overload
+def task(*, bind: Literal[False] = False, base: type[Task[Any, Any]] | None = None,
          **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+@overload
+def task(*, bind: bool, base: type[Task[Any, Any]] | None = None,
+         **options: Any) -> Callable[[Callable[..., R]], Task[..., R]]: ...
 
 
-def task(fn: Callable[..., Any] | None = None, /, *, base: type[Task[Any, Any]] | None = None,
-         **options: Any) -> Any:
+def task(fn: Callable[..., Any] | None = None, /, *, bind: bool | None = None,
+         base: type[Task[Any, Any]] | None = None, **options: Any) -> Any:
     """Make a function a task: ``@task`` or ``@task(queue="high", max_retries=5, …)``."""
+    if bind is not None:  # else the base class's ``bind`` attribute decides
+        options["bind"] = bind
     cls = base or Task
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TypeError(f"base= must be a subclass of django_tasks_q.Task, got {cls!r}")

@@ -87,6 +87,23 @@ TASKS_Q = {
     **env.json("TASKS_Q_EXTRA", default={}),
 }
 
+# Django's own tasks framework (Django 6.0 and newer; 5.2 ignores this setting) on the same
+# workers: see testapp/django_tasks.py. Without a QUEUES list, the backends take TASKS_Q's queues.
+TASKS = {
+    "default": {
+        "BACKEND": "django_tasks_q.backend.TasksQBackend",
+        # Every result is kept, so Task.get_result() and TaskResult.refresh() find them.
+        "OPTIONS": {"results": "all"},
+    },
+    # Our options for every task of this alias (@task(backend="retrying")); on Django 6.1 a
+    # task can also take them as @task() arguments.
+    "retrying": {
+        "BACKEND": "django_tasks_q.backend.TasksQBackend",
+        "OPTIONS": {"results": "all", "autoretry_for": (ConnectionError,), "max_retries": 3,
+                    "default_retry_delay": 0},
+    },
+}
+
 # Receipts are printed by the worker unless EMAIL_BACKEND says otherwise.
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="shop@example.com")

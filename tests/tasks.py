@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import django
+
 from django_tasks_q import Task, task
 
 calls: list[Any] = []
@@ -92,3 +94,36 @@ def hold(key: str) -> str:
     gate = gates.setdefault(key, threading.Event())
     gate.wait(20)
     return key
+
+
+@task(results="all")
+def fan_out(n: int) -> int:
+    """Send ``multiply(i, i)`` for each i below ``n``."""
+    for i in range(n):
+        multiply.delay(i, i)
+    return n
+
+
+@task(results="all")
+def fan_out_in_atomic(x: int) -> int:
+    """Send ``multiply(x, x)`` from inside a transaction of the task's own."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        multiply.delay(x, x)
+    return x
+
+
+@task
+def sends_itself() -> None:
+    """Never settles: each run sends the next."""
+    sends_itself.delay()
+
+
+if django.VERSION >= (6, 0):
+    from django.tasks import task as django_task
+
+    @django_task
+    def django_add(x: int, y: int) -> int:
+        """A task of Django's own framework (``django.tasks``)."""
+        return x + y

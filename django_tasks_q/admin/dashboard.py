@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.apps.registry import Apps
@@ -55,8 +55,15 @@ def ago(seconds: float) -> str:
     return f"{seconds // 3600:.0f} h ago"
 
 
+if TYPE_CHECKING:
+    DashboardAdminBase = admin.ModelAdmin[Dashboard]
+else:
+    # Django's admin classes take no type arguments at run time.
+    DashboardAdminBase = admin.ModelAdmin
+
+
 @admin.register(Dashboard)
-class DashboardAdmin(admin.ModelAdmin):
+class DashboardAdmin(DashboardAdminBase):
     """The dashboard page and its JSON data; nothing to add, change or delete."""
 
     def has_module_permission(self, request: HttpRequest) -> bool:

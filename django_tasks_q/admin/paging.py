@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.admin.views.main import ORDER_VAR, ChangeList
 from django.core.paginator import Paginator
 from django.http import HttpRequest
 
+if TYPE_CHECKING:
+    from django.db.models import Model
+
+    PaginatorBase = Paginator[Model]
+else:
+    PaginatorBase = Paginator  # Django's Paginator takes no type arguments at run time
+
 #: The most rows a list counts; past it the page says "N+" and offers no further pages.
 COUNT_LIMIT = 10_000
 
 
-class BoundedPaginator(Paginator):
+class BoundedPaginator(PaginatorBase):
     """Counts at most ``limit`` rows, over a LIMITed subquery, never the whole table."""
 
     limit = COUNT_LIMIT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, available_timezones
 
 from django import forms
@@ -35,7 +35,16 @@ def _zone_choices() -> list[tuple[str, str]]:
             *((name, name) for name in sorted(available_timezones()))]
 
 
-class PeriodicTaskForm(forms.ModelForm):
+if TYPE_CHECKING:
+    PeriodicTaskFormBase = forms.ModelForm[PeriodicTask]
+    PeriodicTaskAdminBase = admin.ModelAdmin[PeriodicTask]
+else:
+    # Django's forms and admin classes take no type arguments at run time.
+    PeriodicTaskFormBase = forms.ModelForm
+    PeriodicTaskAdminBase = admin.ModelAdmin
+
+
+class PeriodicTaskForm(PeriodicTaskFormBase):
     """One form: the schedule type, then its fields; the task from the registered ones."""
 
     kind = forms.ChoiceField(choices=KINDS, initial="crontab", widget=forms.RadioSelect,
@@ -108,7 +117,7 @@ class PeriodicTaskForm(forms.ModelForm):
 
 
 @admin.register(PeriodicTask)
-class PeriodicTaskAdmin(admin.ModelAdmin):
+class PeriodicTaskAdmin(PeriodicTaskAdminBase):
     """Schedules: edited here, sent by taskbeat within a second or two of saving."""
 
     form = PeriodicTaskForm

@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
@@ -140,8 +140,15 @@ class ResultChangeList(BoundedChangeList):
     deferred = ("args", "kwargs", "result", "traceback")
 
 
+if TYPE_CHECKING:
+    TaskResultAdminBase = admin.ModelAdmin[TaskResult]
+else:
+    # Django's admin classes take no type arguments at run time.
+    TaskResultAdminBase = admin.ModelAdmin
+
+
 @admin.register(TaskResult)
-class TaskResultAdmin(admin.ModelAdmin):
+class TaskResultAdmin(TaskResultAdminBase):
     """Stored outcomes: failures with their tracebacks, successes when kept; read-only, with
     retry and delete."""
 

@@ -28,10 +28,11 @@ from amqp.protocol import queue_declare_ok_t
 from django.db import DatabaseError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
-from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.exchange import STANDARD_EXCHANGE_TYPES, DirectExchange
 from kombu.utils.json import dumps
+
+from .base import BrokerState, VirtualChannel
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -76,7 +77,7 @@ class Expiry:
                    None if ttl is None else float(ttl) / 1000)
 
 
-class State(virtual.BrokerState):
+class State(BrokerState):
     """kombu's per-process broker state, plus what this process knows of its queues' lifetimes."""
 
     def __init__(self) -> None:
@@ -145,7 +146,8 @@ class Bindings:
         key = [] if routing_key is None else [routing_key]
         with db.cursor() as cursor:
             cursor.execute(sql, [payload, priority, now, exchange, *key, now])
-            return max(cursor.rowcount, 0)
+            routed: int = max(cursor.rowcount, 0)
+            return routed
 
     def drop(self, queue: str) -> None:
         """Delete a queue: its bindings and all its messages, in flight or not."""
@@ -186,7 +188,7 @@ class Direct(DirectExchange):
         self.channel._put_direct(exchange, routing_key, message)
 
 
-class RoutingChannel(virtual.Channel):
+class RoutingChannel(VirtualChannel):
     """Exchanges and bindings of a ``django://`` channel, shared by all processes."""
 
     supports_fanout = True
@@ -212,7 +214,8 @@ class RoutingChannel(virtual.Channel):
         if expiration is not None:
             with contextlib.suppress(TypeError, ValueError):
                 message[EXPIRES_AT] = time.time() + float(expiration) / 1000
-        return dumps(message)
+        payload: str = dumps(message)
+        return payload
 
     # -- declaring and binding --------------------------------------------------------------
 

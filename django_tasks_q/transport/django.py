@@ -31,6 +31,7 @@ from django.utils import timezone
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.utils.json import loads
 
+from .base import VirtualQoS, VirtualTransport
 from .bindings import EXPIRES_AT, RoutingChannel, State
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def _prefer_wal(db: BaseDatabaseWrapper) -> None:
         _wal_databases.add(name)
 
 
-class QoS(virtual.QoS):
+class QoS(VirtualQoS):
     """Unacked-message bookkeeping whose acks and rejects reach the database."""
 
     channel: Channel
@@ -405,7 +406,7 @@ class Channel(RoutingChannel):
         super().close()
 
 
-class Transport(virtual.Transport):
+class Transport(VirtualTransport):
     """kombu transport for ``django://``: the project's own database is the broker."""
 
     Channel = Channel

@@ -24,6 +24,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
+from .base import RedisChannel, RedisQoS
+
 #: The most messages one round trip takes (the free prefetch bounds it too).
 POP_LIMIT = 100
 
@@ -61,7 +63,7 @@ return taken
 """
 
 
-class QoS(kombu_redis.QoS):
+class QoS(RedisQoS):
     """kombu's, except that a message the pop script recorded is not written again."""
 
     channel: Channel
@@ -75,7 +77,7 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
 
 
-class Channel(kombu_redis.Channel):
+class Channel(RedisChannel):
     """A Redis channel whose consuming pops are atomic with their unacked record."""
 
     QoS = QoS

@@ -7,6 +7,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -16,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from django.db import DatabaseError
 from django.db import connection as db_connection
 from django.utils import timezone
-from kombu import Consumer as KombuConsumer
 from kombu.asynchronous import Hub
 from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.messaging import Consumer as KombuConsumer
 
 from .. import broker, client, conf, execute, message, registry, signals
 from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
@@ -30,6 +31,7 @@ from .ratelimit import RateLimits
 from .state import Tally, Watcher
 
 if TYPE_CHECKING:
+    from ..task import Task
     from .events import Events
 
 logger = logging.getLogger("django_tasks_q.worker")
@@ -151,7 +153,8 @@ class Consumer:
         if wakeup_fd is not None and on_wakeup is not None:
             hub.add_reader(wakeup_fd, on_wakeup)
         self.kombu = KombuConsumer(conn.channel(), queues=broker.declare(conn, self.queues),
-                                   on_message=self.on_message, accept=["json"])
+                                   on_message=self.on_message,
+                                   accept=list(conf.get().ACCEPT_CONTENT))
         # RabbitMQ applies a per-consumer limit only to consumers created after it, and makes
         # one consumer per queue; a limit for the channel covers all queues and can be widened
         # later (messages held until due, or waiting to be parked).
@@ -308,7 +311,7 @@ class Consumer:
                         qos.ack(tag)
             except Exception as exc:  # noqa: BLE001 - it comes back after its timeout anyway
                 logger.warning("Could not settle message %s from the previous connection: %s",
-                               job.msg.id if job.msg else "?", exc)
+                               _label(job), exc)
 
     # -- messages ----------------------------------------------------------------------------
     def on_message(self, raw: Any) -> None:
@@ -489,8 +492,7 @@ class Consumer:
             job = buffer.popleft()
             if job.msg.id in revoked:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
-                for watcher in self.watchers:
-                    watcher.revoked(job, terminated=False)
+                self._announce_revoked(job, terminated=False)
                 self._settle(job, ACK)
                 continue
             wait = self.rate_limits.wait(job.msg.name)
@@ -526,16 +528,14 @@ class Consumer:
         else:
             self._settle(job, ACK)
             if status == TaskState.SUCCESS and logger.isEnabledFor(logging.INFO):
-                logger.info("Task %s[%s] succeeded in %.3fs", msg.name, msg.id, outcome.runtime)
+                logger.info("Task %s[%s] succeeded in %.3fs: %s", msg.name, msg.id,
+                            outcome.runtime, outcome.result_repr)
         if self._polled and not self.stopping and not self.buffer and self.hub is not None:
             self.hub.call_soon(self._poll)
 
     def _on_lost(self, job: Job, outcome: execute.Outcome) -> None:
         if job.revoked:  # terminated on request: the REVOKED row is there already
-            signals.task_revoked.send(sender=None, request=job.msg, expired=False,
-                                      terminated=True)
-            for watcher in self.watchers:
-                watcher.revoked(job, terminated=True)
+            self._announce_revoked(job, terminated=True)
             self._settle(job, ACK)
             return
         if job.timed_out:
@@ -575,7 +575,22 @@ class Consumer:
                                   f"[{job.msg.id}]; giving it back", error)
             self._requeue_later(job)
             return
+        logger.error("Task %s[%s] failed: %s: %s", job.msg.name, job.msg.id,
+                     type(exc).__name__, exc)
+        signals.task_failure.send(sender=_registered(job.msg.name), task_id=job.msg.id,
+                                  exception=exc, args=job.msg.args, kwargs=job.msg.kwargs,
+                                  traceback="", einfo="")
         self._settle(job, ACK)
+
+    def _announce_revoked(self, job: Job, terminated: bool) -> None:
+        """Tell ``task_revoked`` receivers and the watchers that ``job`` was dropped or killed."""
+        # A terminated task's prefork child was killed with SIGKILL (pool.terminate).
+        signals.task_revoked.send(sender=_registered(job.msg.name),
+                                  request=execute.request_for(job.msg, self.hostname),
+                                  terminated=terminated,
+                                  signum=signal.SIGKILL if terminated else None, expired=False)
+        for watcher in self.watchers:
+            watcher.revoked(job, terminated=terminated)
 
     def _requeue_later(self, job: Job) -> None:
         # Not at once: when the database is down, an instant requeue only spins; meanwhile
@@ -604,7 +619,20 @@ class Consumer:
             self._orphans.append((job, how))
             raise
         except Exception:  # noqa: BLE001 - e.g. already acknowledged
-            logger.exception("Could not settle message %s", job.msg.id if job.msg else "?")
+            logger.exception("Could not settle message %s", _label(job))
+
+
+def _registered(name: str) -> Task[Any, Any] | None:
+    """The task called ``name``, or None when this worker does not know it."""
+    try:
+        return registry.get(name)
+    except TaskNotRegistered:
+        return None
+
+
+def _label(job: Job) -> str:
+    """``name[id]`` of ``job``'s task for log lines; ``?`` for a message that was not read."""
+    return f"{job.msg.name}[{job.msg.id}]" if job.msg else "?"
 
 
 def _due(msg: message.TaskMessage) -> float:

@@ -15,7 +15,7 @@ import resource
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from django.db import DatabaseError
 
@@ -29,15 +29,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_tasks_q.worker")
 
 Handler = Callable[..., Any]
+H = TypeVar("H", bound=Handler)
 HANDLERS: dict[str, Handler] = {}
 #: Broker connection details never sent in a reply (``stats``).
 SECRET_WORDS = ("password", "secret", "token", "key")
 
 
-def command(fn: Handler | None = None, *, name: str = "") -> Any:
+@overload
+def command(fn: H, *, name: str = "") -> H: ...
+@overload
+def command(fn: None = None, *, name: str = "") -> Callable[[H], H]: ...
+
+
+def command(fn: H | None = None, *, name: str = "") -> H | Callable[[H], H]:
     """Register ``fn`` as the handler of the remote-control command ``name`` (default: the
     function's own name); as ``@command`` or ``@command(name=…)``."""
-    def register(handler: Handler) -> Handler:
+    def register(handler: H) -> H:
         HANDLERS[name or handler.__name__] = handler
         return handler
 

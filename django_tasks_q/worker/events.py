@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kombu import Exchange, Producer
+from kombu.entity import Exchange
+from kombu.messaging import Producer
 
 from .. import __version__, broker, conf, execute
 from ..states import TaskState

@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_tasks_q.beat import Beat
 from django_tasks_q.management import configure_logging
+from django_tasks_q.startchecks import run_start_checks
 
 
 class Command(BaseCommand):
@@ -23,6 +24,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         configure_logging(options["loglevel"])
+        if not options["skip_checks"]:  # with the database: see startchecks.py
+            run_start_checks(self)
         try:
             Beat(options["name"]).run()
         except ValueError as exc:  # a BEAT_SCHEDULE entry that is not a schedule

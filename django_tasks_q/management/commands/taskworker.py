@@ -9,6 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_tasks_q.management import configure_logging
+from django_tasks_q.startchecks import run_start_checks
 from django_tasks_q.worker.main import Worker, WorkerOptions, parse_autoscale, queues_from
 from django_tasks_q.worker.pool import POOLS
 
@@ -70,4 +71,6 @@ class Command(BaseCommand):
             logging.getLogger("django_tasks_q.worker").warning(
                 "-c/--concurrency %d is ignored: --autoscale %d,%d sizes the pool",
                 concurrency, *autoscale)
+        if not options["skip_checks"]:  # with the database and the pool: see startchecks.py
+            run_start_checks(self, worker.options)
         worker.run()

@@ -1,0 +1,86 @@
+"""Adapters: the kombu classes our transports extend, with the types kombu leaves out.
+
+kombu ships ``py.typed`` but does not annotate its virtual transport. For the type checker each
+class here declares the signatures of the inherited methods our transports call or override; at
+run time each name is the kombu class itself, so nothing is added between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kombu.transport import redis, virtual
+
+if TYPE_CHECKING:
+    from kombu.connection import Connection
+    from kombu.transport.virtual.exchange import ExchangeType
+
+    class BrokerState(virtual.BrokerState):
+        """kombu's per-process exchanges and bindings of a virtual transport."""
+
+        def __init__(self, exchanges: dict[str, Any] | None = None) -> None: ...
+        def binding_declare(self, queue: str, exchange: str, routing_key: str,
+                            arguments: dict[str, Any] | None) -> None: ...
+        def binding_delete(self, queue: str, exchange: str, routing_key: str) -> None: ...
+        def queue_bindings_delete(self, queue: str) -> None: ...
+
+    class VirtualQoS(virtual.QoS):
+        """The unacknowledged messages of a virtual channel."""
+
+        def append(self, message: virtual.Message, delivery_tag: str) -> None: ...
+        def ack(self, delivery_tag: str) -> None: ...
+        def _flush(self) -> None: ...
+
+    class VirtualChannel(virtual.Channel):
+        """A channel of a virtual transport."""
+
+        class Message(virtual.Message):
+            """A message received on a virtual channel."""
+
+            def __init__(self, payload: dict[str, Any], channel: virtual.Channel | None = None,
+                         **kwargs: Any) -> None: ...
+
+        def __init__(self, connection: virtual.Transport, **kwargs: Any) -> None: ...
+        def _put(self, queue: str, message: dict[str, Any]) -> None: ...
+        def _size(self, queue: str) -> int: ...
+        def _get_message_priority(self, message: dict[str, Any],
+                                  reverse: bool = False) -> int: ...
+        def _lookup(self, exchange: str, routing_key: str,
+                    default: str | None = None) -> list[str]: ...
+        def typeof(self, exchange: str, default: str = "direct") -> ExchangeType: ...
+        # An AMQP ``queue_declare_ok_t``; amqp ships no types.
+        def queue_declare(self, queue: str | None = None, passive: bool = False,
+                          **kwargs: Any) -> Any: ...
+        def basic_consume(self, queue: str, no_ack: bool, callback: Callable[[Any], Any],
+                          consumer_tag: str, **kwargs: Any) -> None: ...
+        def basic_cancel(self, consumer_tag: str) -> None: ...
+        def close(self) -> None: ...
+
+    class VirtualTransport(virtual.Transport):
+        """A virtual transport: one per connection."""
+
+        def __init__(self, client: Connection, **kwargs: Any) -> None: ...
+        def establish_connection(self) -> VirtualTransport: ...
+        def _deliver(self, message: dict[str, Any], queue: str) -> None: ...
+
+    class RedisQoS(redis.QoS):
+        """kombu's Redis QoS, which records unacknowledged messages in Redis."""
+
+        def append(self, message: virtual.Message, delivery_tag: str) -> None: ...
+
+    class RedisChannel(redis.Channel):
+        """kombu's Redis channel."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def _brpop_start(self, timeout: float | None = None) -> None: ...
+        def _brpop_read(self, **options: Any) -> bool: ...
+        def _q_for_pri(self, queue: str, pri: int) -> str: ...
+
+else:
+    BrokerState = virtual.BrokerState
+    VirtualQoS = virtual.QoS
+    VirtualChannel = virtual.Channel
+    VirtualTransport = virtual.Transport
+    RedisQoS = redis.QoS
+    RedisChannel = redis.Channel
