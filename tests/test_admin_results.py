@@ -20,6 +20,7 @@ from django_tasks_q.admin.results import readable
 from django_tasks_q.models import TaskResult, TaskState
 
 from . import tasks  # noqa: F401 - registers the tasks the rows name
+from .memory import drain
 
 pytestmark = pytest.mark.django_db
 
@@ -59,27 +60,6 @@ def viewer(client: Client) -> Client:
 @pytest.fixture
 def retrier(client: Client) -> Client:
     return login(client, "retrier", "view_taskresult", "retry_taskresult")
-
-
-def drain(queue: str) -> list[tuple[dict[str, Any], list[Any], int | None]]:
-    """Every message waiting in ``queue`` on the in-process memory:// broker: its headers,
-    body and priority."""
-    from kombu import Connection
-
-    from django_tasks_q import broker
-
-    got = []
-    with Connection("memory://") as conn:
-        waiting = conn.SimpleQueue(broker.queue(queue))
-        while True:
-            try:
-                msg = waiting.get(block=False)
-            except waiting.Empty:
-                break
-            got.append((msg.headers, msg.decode(), msg.properties.get("priority")))
-            msg.ack()
-        waiting.close()
-    return got
 
 
 @pytest.fixture(autouse=True)

@@ -6,31 +6,13 @@ import json
 
 import pytest
 from django.db import transaction
-from kombu import Connection
 
 from django_tasks_q import client, message
 from django_tasks_q.models import TaskResult
 from testproject.testapp.models import Order
 
 from . import tasks
-
-
-def drain(queue: str = "default") -> list[tuple[dict, list]]:
-    """Everything waiting in ``queue`` on the in-process memory:// broker."""
-    from django_tasks_q import broker
-
-    got = []
-    with Connection("memory://") as conn:
-        sq = conn.SimpleQueue(broker.queue(queue))
-        while True:
-            try:
-                m = sq.get(block=False)
-            except sq.Empty:
-                break
-            got.append((m.headers, m.decode()))
-            m.ack()
-        sq.close()
-    return got
+from .memory import drain
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +23,7 @@ def _empty_queues() -> None:
 
 def test_delay_publishes_protocol_v2_message() -> None:
     r = tasks.multiply.delay(6, 7)
-    [(headers, body)] = drain()
+    [(headers, body, _)] = drain()
     assert headers["task"] == "tests.tasks.multiply"
     assert headers["id"] == r.id == headers["root_id"]
     assert headers["lang"] == "py" and headers["retries"] == 0
@@ -54,7 +36,7 @@ def test_apply_async_options_land_in_headers() -> None:
                                    queue="low", priority=9, task_id="fixed-id",
                                    headers={"tenant": "acme"})
     assert r.id == "fixed-id"
-    [(headers, body)] = drain("low")
+    [(headers, body, _)] = drain("low")
     assert headers["eta"] and headers["expires"] and headers["tenant"] == "acme"
     parsed = message.decode(headers, body)
     assert parsed.eta is not None and parsed.expires is not None
@@ -101,7 +83,7 @@ def test_routes_by_name_and_glob(settings: pytest.FixtureRequest) -> None:
 
 def test_task_queue_option_routes() -> None:
     tasks.quiet.delay()
-    assert [h["task"] for h, _ in drain("high")] == ["tests.tasks.quiet"]
+    assert [h["task"] for h, _, _ in drain("high")] == ["tests.tasks.quiet"]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -110,7 +92,7 @@ def test_enqueue_in_atomic_publishes_on_commit_only() -> None:
         r = tasks.multiply.delay(1, 2)
         assert r.id
         assert drain() == []
-    assert [h["id"] for h, _ in drain()] == [r.id]
+    assert [h["id"] for h, _, _ in drain()] == [r.id]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -131,7 +113,7 @@ def test_enqueue_on_commit_can_be_turned_off(settings: pytest.FixtureRequest) ->
 
 def test_send_task_by_name() -> None:
     r = client.send_task("elsewhere.tasks.thing", (1,), {"a": "b"}, queue="low")
-    [(headers, body)] = drain("low")
+    [(headers, body, _)] = drain("low")
     assert headers["task"] == "elsewhere.tasks.thing" and headers["id"] == r.id
     assert body[:2] == [[1], {"a": "b"}]
 

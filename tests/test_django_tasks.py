@@ -20,11 +20,12 @@ from asgiref.sync import async_to_sync
 from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
-from kombu import Connection
 
-from django_tasks_q import broker, execute, message, registry, task
+from django_tasks_q import execute, message, registry, task
 from django_tasks_q.exceptions import SoftTimeLimitExceeded, TaskNotRegistered
 from django_tasks_q.models import TaskResult as ResultRow
+
+from .memory import drain
 
 HAS_TASKS = django.VERSION >= (6, 0)
 needs_tasks = pytest.mark.skipif(not HAS_TASKS, reason="django.tasks needs Django 6.0")
@@ -134,22 +135,6 @@ def test_without_django_tasks_the_backend_says_what_is_needed() -> None:
     with pytest.raises(ImportError, match=r"use Django 6.0 or newer, or django_tasks_q's own"):
         import django_tasks_q.backend  # noqa: F401
 
-
-
-def drain(queue: str = "default") -> list[tuple[dict[str, Any], list[Any], int | None]]:
-    """(headers, body, priority) of everything waiting in ``queue`` of the memory:// broker."""
-    got = []
-    with Connection("memory://") as conn:
-        sq = conn.SimpleQueue(broker.queue(queue))
-        while True:
-            try:
-                m = sq.get(block=False)
-            except sq.Empty:
-                break
-            got.append((m.headers, m.decode(), m.properties.get("priority")))
-            m.ack()
-        sq.close()
-    return got
 
 
 def receive(queue: str = "default") -> message.TaskMessage:
