@@ -158,7 +158,7 @@ class TasksQBackend(BaseTaskBackend):
                 headers={BACKEND_HEADER: self.alias, PRIORITY_HEADER: task.priority,
                          ENQUEUED_HEADER: now.isoformat()})
 
-        eager = conf.get().EAGER and client.capture is None
+        eager = client.runs_eagerly()
         if eager:  # runs below, after task_enqueued, as in Django's ImmediateBackend
             client.encode_body(adapter.name, args, kwargs)  # bad arguments refused first
         else:

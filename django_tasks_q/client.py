@@ -15,7 +15,7 @@ from .exceptions import TaskNotRegistered, TasksQError
 from .execute import current_request, mode_for
 
 if TYPE_CHECKING:
-    from .results import AsyncResult
+    from .results import AsyncResult, EagerResult
     from .task import Task
 
 
@@ -143,13 +143,18 @@ def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
         ignore_result=mode_for(task) != "all", queue=queue, priority=priority,
         headers=dict(headers or {}),
     )
-    if conf.get().EAGER and capture is None:  # a test capturing tasks wants to see them
+    if runs_eagerly():
         return run_eager(task, msg)
     publish(msg, body)
     return results.AsyncResult(msg.id, task=task)
 
 
-def run_eager(task: Task[Any, Any], msg: message.TaskMessage) -> AsyncResult:
+def runs_eagerly() -> bool:
+    """True when ``EAGER`` runs tasks as they are sent (not while a test captures them)."""
+    return conf.get().EAGER and capture is None
+
+
+def run_eager(task: Task[Any, Any] | None, msg: message.TaskMessage) -> EagerResult:
     """Run ``msg`` inline, retries included (without waiting), for ``EAGER`` mode."""
     from . import execute, results, states
 

@@ -26,7 +26,7 @@ from django_tasks_q.testing import (
 )
 
 from . import tasks
-from .test_client import drain
+from .memory import drain
 
 # The documented way to enable the fixtures (users put it in their root conftest.py).
 pytest_plugins = ["django_tasks_q.testing.pytest"]
@@ -131,7 +131,7 @@ def test_capture_ends_with_the_block(empty_queues: None) -> None:
     assert client.capture is None
     r = tasks.multiply.delay(3, 4)
     assert len(captured) == 1
-    assert [h["id"] for h, _ in drain()] == [r.id]
+    assert [h["id"] for h, _, _ in drain()] == [r.id]
 
 
 def test_nested_captures_each_see_their_own(no_broker: None) -> None:
@@ -394,12 +394,12 @@ def test_run_commits_the_tasks_own_transactions(
 def test_in_a_testcase_outside_atomic_publishes_at_once(
         empty_queues: None, django_capture_on_commit_callbacks: OnCommit) -> None:
     first = tasks.multiply.delay(1, 2)
-    assert [h["id"] for h, _ in drain()] == [first.id]
+    assert [h["id"] for h, _, _ in drain()] == [first.id]
     with django_capture_on_commit_callbacks(execute=True):
         with transaction.atomic():
             second = tasks.multiply.delay(3, 4)
         assert drain() == []
-    assert [h["id"] for h, _ in drain()] == [second.id]
+    assert [h["id"] for h, _, _ in drain()] == [second.id]
 
 
 @pytest.mark.django_db

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import client, message, registry
 from ..exceptions import TaskNotRegistered, TasksQError
-from ..states import TaskState
 from ..task import Task
 
 if TYPE_CHECKING:
@@ -157,19 +156,10 @@ class CapturedTasks(list[Captured]):
             return self._execute(record)
 
     def _execute(self, record: Captured) -> EagerResult:
-        from ..execute import run
-        from ..results import EagerResult
-
         self._ran[id(record)] = record
         msg = copy.deepcopy(record.message)  # the task may change its arguments; keep ours
         with _commit_like_a_worker():
-            while True:  # retries at once, as EAGER runs them
-                outcome = run(msg, hostname="eager", eager=True)
-                if outcome.status != TaskState.RETRY:
-                    break
-                msg.retries += 1
-        return EagerResult(msg.id, record.task, outcome.status, value=outcome.value,
-                           exc=outcome.exc, traceback=outcome.traceback)
+            return client.run_eager(record.task, msg)  # retries at once, as EAGER runs them
 
 
 _active: list[CapturedTasks] = []
