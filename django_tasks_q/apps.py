@@ -13,7 +13,8 @@ class TasksQConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, registry
+        from . import canvas, checks, registry
 
         checks.register()
+        canvas.register_builtins()
         registry.autodiscover()

@@ -287,8 +287,8 @@ class Beat:
                     .update(**changes))
 
     def _send(self, row: PeriodicTask, slot: datetime, task_id: str) -> None:
-        msg, body = client.named_message(
-            row.task, row.args, row.kwargs, queue=row.queue or None, priority=row.priority,
+        msg, body = client.build(
+            row.task, None, row.args, row.kwargs, queue=row.queue or None, priority=row.priority,
             expires=slot + row.expires if row.expires else None, task_id=task_id,
             headers={"periodic_task_name": row.name})
         # Published before the transaction commits: if publishing fails, the slot is not

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import transaction
 
 from . import broker, conf, message, registry, signals
-from .exceptions import TaskNotRegistered, TasksQError
+from .exceptions import TasksQError
 from .execute import current_request, mode_for
 
 if TYPE_CHECKING:
@@ -59,19 +61,32 @@ def _why_not_json(value: Any) -> str | None:
             f"pass plain data (str, int, float, bool, None, list, dict)")
 
 
-def encode_body(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+def encode_body(name: str, args: list[Any], kwargs: dict[str, Any],
+                embed: dict[str, Any] | None = None) -> str:
     """The JSON body ``[args, kwargs, embed]``; a clear ``TypeError`` names any bad argument."""
     try:
-        return json.dumps([args, kwargs, message.EMBED], separators=(",", ":"), default=_refuse)
+        return json.dumps([args, kwargs, embed or message.EMBED], separators=(",", ":"),
+                          default=_refuse)
     except (TypeError, ValueError):
         pass
+    check_json(name, args, kwargs)
+    raise TypeError(f"Cannot send task {name}: the arguments of a task that follows it (a "
+                    f"chain step, link or chord body) cannot be encoded as JSON.")
+
+
+def check_json(name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A ``TypeError`` naming the first argument of task ``name`` that JSON cannot carry."""
     where = [(f"argument {i}", v) for i, v in enumerate(args)]
     where += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
     for label, value in where:
         reason = _why_not_json(value)
         if reason:
             raise TypeError(f"Cannot send task {name}: {label} is {reason}.")
-    raise TypeError(f"Cannot send task {name}: its arguments cannot be encoded as JSON.")
+    try:
+        json.dumps([args, kwargs], default=_refuse)
+    except (TypeError, ValueError):
+        raise TypeError(f"Cannot send task {name}: its arguments cannot be encoded as JSON."
+                        ) from None
 
 
 def route(name: str, task_queue: str | None, queue: str | None,
@@ -121,28 +136,63 @@ def _expiry(expires: float | datetime | timedelta | None) -> datetime | None:
     return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
-def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], *,
-         countdown: float | None = None, eta: datetime | None = None,
-         expires: float | datetime | timedelta | None = None, queue: str | None = None,
-         priority: int | None = None, task_id: str | None = None,
-         headers: dict[str, Any] | None = None) -> AsyncResult:
+#: A message ready to publish: the message and its encoded body.
+Outgoing = tuple[message.TaskMessage, str]
+
+
+def build(name: str, task: Task[Any, Any] | None, args: list[Any] | tuple[Any, ...] | None,
+          kwargs: dict[str, Any] | None, *, countdown: float | None = None,
+          eta: datetime | None = None, expires: float | datetime | timedelta | None = None,
+          queue: str | None = None, priority: int | None = None, task_id: str | None = None,
+          headers: dict[str, Any] | None = None, link: Any = None, link_error: Any = None,
+          chain: list[dict[str, Any]] | None = None, chord: dict[str, Any] | None = None,
+          group_id: str | None = None, group_index: int | None = None,
+          root_id: str | None = None, parent_id: str | None = None) -> Outgoing:
+    """Build and check one message for task ``name`` (``task`` when this process knows it):
+    arguments, route, priority, and the workflow it is part of (Celery's ``embed``)."""
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    embed = {"callbacks": _signatures(link), "errbacks": _signatures(link_error),
+             "chain": chain or None, "chord": chord}
+    body = encode_body(name, args, kwargs, embed)
+    queue, priority = route(name, task.queue if task else None, queue, priority)
+    if priority is None and task is not None:
+        priority = task.priority
+    parent = current_request()
+    if parent is not None and parent_id is None:
+        parent_id, root_id = parent.id, root_id or parent.root_id or parent.id
+    if expires is None and task is not None:
+        expires = task.expires
+    msg = message.TaskMessage(
+        id=task_id or message.new_id(), name=name, args=args, kwargs=kwargs,
+        eta=_when(countdown, eta), expires=_expiry(expires),
+        time_limit=task.time_limit if task else None,
+        soft_time_limit=task.soft_time_limit if task else None,
+        parent_id=parent_id, root_id=root_id, group=group_id, group_index=group_index,
+        # A group's members are kept for the group, whatever their task keeps.
+        ignore_result=task is not None and group_id is None and mode_for(task) != "all",
+        queue=queue, priority=check_priority(name, priority), headers=dict(headers or {}),
+        embed=embed,
+    )
+    return msg, body
+
+
+def _signatures(value: Any) -> list[dict[str, Any]] | None:
+    """``link``/``link_error``: one signature or a list of them, as plain dicts."""
+    if not value:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(item, dict) and "task" in item for item in items):
+        raise TypeError(f"link and link_error take a signature (task.s(...)) or a list of "
+                        f"them, not {value!r}")
+    return [dict(item) for item in items]
+
+
+def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
+         **options: Any) -> AsyncResult:
     """Build, check and publish one message for ``task``; return its result handle at once."""
     from . import results
 
-    body = encode_body(task.name, args, kwargs)
-    queue, priority = route(task.name, task.queue, queue, priority)
-    priority = check_priority(task.name, task.priority if priority is None else priority)
-    parent = current_request()
-    msg = message.TaskMessage(
-        id=task_id or message.new_id(), name=task.name, args=args, kwargs=kwargs,
-        eta=_when(countdown, eta), expires=_expiry(expires if expires is not None
-                                                   else task.expires),
-        time_limit=task.time_limit, soft_time_limit=task.soft_time_limit,
-        parent_id=parent.id if parent else None,
-        root_id=(parent.root_id or parent.id) if parent else None,
-        ignore_result=mode_for(task) != "all", queue=queue, priority=priority,
-        headers=dict(headers or {}),
-    )
+    msg, body = build(task.name, task, args, kwargs, **options)
     if runs_eagerly():
         return run_eager(task, msg)
     publish(msg, body)
@@ -154,17 +204,58 @@ def runs_eagerly() -> bool:
     return conf.get().EAGER and capture is None
 
 
-def run_eager(task: Task[Any, Any] | None, msg: message.TaskMessage) -> EagerResult:
-    """Run ``msg`` inline, retries included (without waiting), for ``EAGER`` mode."""
-    from . import execute, results, states
+#: While a workflow is applied in ``EAGER`` mode: the outcome of each task run inline, by id.
+_eager_seen: ContextVar[dict[str, EagerResult] | None] = ContextVar("dtq_eager_seen",
+                                                                    default=None)
 
-    while True:
-        outcome = execute.run(msg, hostname="eager", eager=True)
-        if outcome.status != states.TaskState.RETRY:
-            break
-        msg.retries += 1
-    return results.EagerResult(msg.id, task, outcome.status, value=outcome.value,
-                               exc=outcome.exc, traceback=outcome.traceback)
+
+@contextlib.contextmanager
+def eager_outcomes() -> Iterator[dict[str, EagerResult]]:
+    """Collect the outcome of every task run inline in the block, by task id."""
+    seen: dict[str, EagerResult] = {}
+    token = _eager_seen.set(seen)
+    try:
+        yield seen
+    finally:
+        _eager_seen.reset(token)
+
+
+def run_eager(task: Task[Any, Any] | None, msg: message.TaskMessage) -> EagerResult:
+    """Run ``msg`` inline, retries included (without waiting), then what follows it (chain
+    steps, links, a chord's body), for ``EAGER`` mode."""
+    from . import execute, results, states, workflow
+
+    first: EagerResult | None = None
+    pending = [(task, msg)]
+    while pending:  # a loop, not recursion: a long chain must not exhaust the stack
+        task, msg = pending.pop(0)
+        while True:
+            outcome = execute.run(msg, hostname="eager", eager=True)
+            if outcome.status != states.TaskState.RETRY:
+                break
+            msg.retries += 1
+        done = results.EagerResult(msg.id, task, outcome.status, value=outcome.value,
+                                   exc=outcome.exc, traceback=outcome.traceback)
+        first = first or done
+        seen = _eager_seen.get()
+        if seen is not None:
+            seen[msg.id] = done
+        for follow, body in workflow.follow_ups(msg, outcome):
+            if runs_eagerly():
+                pending.append((registry.find(follow.name), follow))
+            else:
+                publish(follow, body, defer=False)
+    assert first is not None
+    return first
+
+
+def dispatch(outgoing: list[Outgoing]) -> None:
+    """Send built messages: inline in ``EAGER`` mode, else published (on commit)."""
+    for msg, body in outgoing:
+        if runs_eagerly():
+            run_eager(registry.find(msg.name), msg)
+        else:
+            publish(msg, body)
 
 
 def publish(msg: message.TaskMessage, body: str | None = None, defer: bool = True) -> None:
@@ -216,23 +307,6 @@ def _in_same_database(cfg: conf.Settings) -> bool:
             and cfg.BROKER_OPTIONS.get("database", "default") == "default")
 
 
-def named_message(name: str, args: list[Any] | tuple[Any, ...] | None,
-                  kwargs: dict[str, Any] | None, *, queue: str | None = None,
-                  priority: int | None = None, eta: datetime | None = None,
-                  expires: datetime | None = None, task_id: str | None = None,
-                  headers: dict[str, Any] | None = None) -> tuple[message.TaskMessage, str]:
-    """The message (and its encoded body) that sends task ``name``: arguments checked, queue
-    and priority routed as for ``send_task``."""
-    args, kwargs = list(args or ()), dict(kwargs or {})
-    body = encode_body(name, args, kwargs)
-    queue, priority = route(name, None, queue, priority)
-    msg = message.TaskMessage(id=task_id or message.new_id(), name=name, args=args,
-                              kwargs=kwargs, eta=eta, expires=expires, queue=queue,
-                              priority=check_priority(name, priority),
-                              headers=dict(headers or {}))
-    return msg, body
-
-
 def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
               kwargs: dict[str, Any] | None = None, *, queue: str | None = None,
               priority: int | None = None, countdown: float | None = None,
@@ -240,11 +314,7 @@ def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
     """Send a task by name, without importing its function (it may live in another service)."""
     from . import results
 
-    msg, body = named_message(name, args, kwargs, queue=queue, priority=priority,
-                              eta=_when(countdown, eta), task_id=task_id)
+    msg, body = build(name, None, args, kwargs, queue=queue, priority=priority,
+                      countdown=countdown, eta=eta, task_id=task_id)
     publish(msg, body)
-    try:
-        known: Task[Any, Any] | None = registry.get(name)
-    except TaskNotRegistered:
-        known = None
-    return results.AsyncResult(msg.id, task=known)
+    return results.AsyncResult(msg.id, task=registry.find(name))

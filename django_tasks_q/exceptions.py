@@ -71,3 +71,7 @@ class TaskRevokedError(TasksQError):
 
 class TaskFailed(TasksQError):
     """A task failed with an exception whose class cannot be rebuilt in this process."""
+
+
+class ChordError(TasksQError):
+    """A chord's body was not run: one of its header tasks failed, was revoked or expired."""

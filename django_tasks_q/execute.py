@@ -69,6 +69,14 @@ def mode_for(task: Task[Any, Any] | None) -> str:
     return conf.get().RESULTS
 
 
+def kept(task: Task[Any, Any] | None, msg: TaskMessage) -> str:
+    """What is kept of this run of ``msg``: everything for a member of a group or chord (the
+    workflow reads it), else what the task keeps (``mode_for``)."""
+    if msg.group or msg.embed.get("chord"):
+        return "all"
+    return mode_for(task)
+
+
 def exception_info(exc: BaseException) -> dict[str, str]:
     """The JSON form of an exception, as Celery stores it."""
     cls = type(exc)
@@ -85,6 +93,7 @@ def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str =
     row = TaskResult(
         task_id=msg.id, task_name=msg.name, status=status, args=msg.args, kwargs=msg.kwargs,
         result=result, traceback=traceback, worker=worker, queue=msg.queue,
+        root_id=msg.root_id or msg.id, parent_id=msg.parent_id or "", group_id=msg.group or "",
         retries=msg.retries, priority=msg.priority, date_created=now, date_started=date_started,
         date_done=now if status in READY_STATES else None,
     )
@@ -127,6 +136,9 @@ class Outcome:
     result_repr: str | None = None  # short repr of the return value, for SUCCESS (events)
     exc_repr: str = ""  # short repr of the exception, for FAILURE and RETRY (events)
     traceback: str | None = None  # for FAILURE and RETRY
+    #: Messages to publish before this one is acknowledged: the next step of its chain, its
+    #: links, a chord's body (see ``canvas.follow_ups``).
+    follow: list[tuple[TaskMessage, str]] = field(default_factory=list)
     # Only kept in the process that ran the task, never sent between processes:
     value: Any = None
     exc: BaseException | None = None
@@ -134,7 +146,7 @@ class Outcome:
 
 def _fail(msg: TaskMessage, task: Task[Any, Any] | None, exc: BaseException, tb: str,
           hostname: str, started: datetime | None) -> Outcome:
-    if mode_for(task) != "none":
+    if kept(task, msg) != "none":
         store(msg, TaskState.FAILURE, result=exception_info(exc), traceback=tb,
                       worker=hostname, date_started=started)
     return Outcome(TaskState.FAILURE, error=f"{type(exc).__name__}: {exc}", exc=exc,
@@ -152,7 +164,7 @@ def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
     now = datetime.now(UTC)
     if msg.expires is not None and msg.expires <= now:
         logger.info("Task %s[%s] expired at %s; not run", msg.name, msg.id, msg.expires)
-        if mode_for(task) != "none":
+        if kept(task, msg) != "none":
             store(msg, TaskState.REVOKED, worker=hostname,
                           result={"reason": "expired", "expires": msg.expires.isoformat()})
         signals.task_revoked.send(sender=task, request=request_for(msg, hostname, eager),
@@ -285,7 +297,7 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
         logger.error("Task %s[%s] failed: %s", msg.name, msg.id, outcome.error)
         outcome.runtime = (datetime.now() - clock).total_seconds()
         return outcome
-    if mode_for(task) == "all":
+    if kept(task, msg) == "all":
         try:
             # Checked before the write: a failed write would spoil the caller's transaction.
             json.dumps(value, cls=DjangoJSONEncoder)

@@ -36,6 +36,7 @@ class TaskMessage:
     root_id: str | None = None
     parent_id: str | None = None
     group: str | None = None
+    group_index: int | None = None
     ignore_result: bool = False
     queue: str = ""
     priority: int | None = None
@@ -56,7 +57,8 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat()
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """An aware datetime from an ISO string (naive means UTC) or seconds from now."""
     if value in (None, ""):
         return None
     if isinstance(value, datetime):
@@ -71,6 +73,13 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _index(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessage(f"bad group_index {value!r}") from exc
+
+
 def encode(msg: TaskMessage, body_json: str | None = None) -> tuple[str, dict[str, Any],
                                                                     dict[str, Any]]:
     """(body, headers, properties) for kombu; ``body_json`` reuses an already-encoded body."""
@@ -82,7 +91,7 @@ def encode(msg: TaskMessage, body_json: str | None = None) -> tuple[str, dict[st
         "eta": _iso(msg.eta),
         "expires": _iso(msg.expires),
         "group": msg.group,
-        "group_index": None,
+        "group_index": msg.group_index,
         "retries": msg.retries,
         "timelimit": [msg.time_limit, msg.soft_time_limit],
         "root_id": msg.root_id or msg.id,
@@ -122,16 +131,17 @@ def decode(headers: dict[str, Any] | None, body: Any, queue: str = "",
         args=list(args),
         kwargs=kwargs,
         retries=int(headers.get("retries") or 0),
-        eta=_parse_time(headers.get("eta")),
-        expires=_parse_time(headers.get("expires")),
+        eta=parse_time(headers.get("eta")),
+        expires=parse_time(headers.get("expires")),
         time_limit=hard,
         soft_time_limit=soft,
         root_id=headers.get("root_id"),
         parent_id=headers.get("parent_id"),
         group=headers.get("group"),
+        group_index=_index(headers.get("group_index")),
         ignore_result=bool(headers.get("ignore_result")),
         queue=queue,
         priority=priority,
         headers={k: v for k, v in headers.items() if k not in _KNOWN_HEADERS},
-        embed=dict(embed or EMBED),
+        embed={**EMBED, **embed} if isinstance(embed, dict) else dict(EMBED),
     )

@@ -14,7 +14,8 @@ from . import conf, schedules
 from .states import READY_STATES, TaskState
 
 __all__ = ["READY_STATES", "ParkedMessage", "PeriodicRun", "PeriodicTask", "QueueBinding",
-           "QueueMessage", "SchedulerLease", "TaskCount", "TaskResult", "TaskState", "WorkerState"]
+           "QueueMessage", "SchedulerLease", "TaskCount", "TaskGroup", "TaskResult", "TaskState",
+           "WorkerState"]
 
 
 class TaskResult(models.Model):
@@ -33,6 +34,12 @@ class TaskResult(models.Model):
     queue = models.CharField(max_length=255, blank=True)
     retries = models.PositiveIntegerField(default=0)
     priority = models.PositiveSmallIntegerField(null=True, blank=True)
+    root_id = models.CharField(max_length=255, blank=True, db_default="", db_index=True,
+                               help_text="The first task of the workflow this task is part of.")
+    parent_id = models.CharField(max_length=255, blank=True, db_default="",
+                                 help_text="The task that sent this one (a chain's step before).")
+    group_id = models.CharField(max_length=255, blank=True, db_default="", db_index=True,
+                                help_text="The group or chord this task is a member of.")
     # Not auto_now_add: the row is written once, when the task is done, with one clock reading.
     date_created = models.DateTimeField(default=timezone.now)
     date_started = models.DateTimeField(null=True, blank=True)
@@ -52,6 +59,34 @@ class TaskResult(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.task_id} {self.status}"
+
+
+class TaskGroup(models.Model):
+    """A group or chord as sent: its members, and for a chord, its body and how it went."""
+
+    group_id = models.CharField(max_length=255, unique=True)
+    size = models.PositiveIntegerField(help_text="How many members it has.")
+    task_ids = models.JSONField(default=list, help_text="The members' task ids, in order.")
+    canvas = models.JSONField(help_text="The group or chord as it was sent (its signature).")
+    body = models.JSONField(null=True, blank=True,
+                            help_text="A chord's body: the task that gets the results.")
+    body_id = models.CharField(max_length=255, blank=True,
+                               help_text="A chord's body: the task id it is sent with.")
+    results = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder,
+                               help_text="The members' results, as passed to the body.")
+    fired_by = models.CharField(max_length=255, blank=True,
+                                help_text="The member whose end sent the body (or failed it).")
+    date_created = models.DateTimeField(default=timezone.now, db_index=True)
+    date_done = models.DateTimeField(null=True, blank=True,
+                                     help_text="When a chord's body was sent, or failed.")
+
+    class Meta:
+        verbose_name = "task group"
+        ordering = ("-date_created", "-id")
+        permissions = [("retry_taskgroup", "Can send a group or chord again")]
+
+    def __str__(self) -> str:
+        return f"{'chord' if self.body_id else 'group'} {self.group_id}"
 
 
 def timetable_zone(name: str) -> ZoneInfo:

@@ -73,6 +73,11 @@ def _import_django_task(name: str) -> Task[Any, Any]:
                             f"decorate it with django.tasks.task")
 
 
+def find(name: str) -> Task[Any, Any] | None:
+    """The task called ``name`` in this process, or None (it may live in another service)."""
+    return _tasks.get(name)
+
+
 def names() -> list[str]:
     """All registered task names, sorted."""
     return sorted(_tasks)

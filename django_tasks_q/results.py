@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +53,13 @@ def store_state(task_id: str | None, task: Task[Any, Any], state: str, meta: Any
 class AsyncResult:
     """A handle on one task's outcome, read from the database result store."""
 
-    def __init__(self, id: str, task: Task[Any, Any] | None = None) -> None:  # noqa: A002
+    def __init__(self, id: str, task: Task[Any, Any] | None = None,  # noqa: A002
+                 kept: bool = False) -> None:
         self.id = id
         self.task = task
+        #: The result before it in a chain (a chord's body: its header's ``GroupResult``).
+        self.parent: AsyncResult | GroupResult | None = None
+        self._kept = kept  # stored for a workflow, whatever its task keeps
         self._row: TaskResult | None = None
 
     def __repr__(self) -> str:
@@ -111,7 +115,7 @@ class AsyncResult:
         return row.traceback if row and row.traceback else None
 
     def _check_kept(self) -> None:
-        if self.task is None:
+        if self.task is None or self._kept:
             return  # a bare id: its task may keep results even where the default does not
         mode = mode_for(self.task)
         if mode == "all":
@@ -166,6 +170,119 @@ class AsyncResult:
               result={"reason": "revoked", "terminate": terminate})
 
 
+class GroupResult:
+    """A handle on a group's results (``group(...).apply_async()``), in the group's order."""
+
+    def __init__(self, id: str, results: list[AsyncResult]) -> None:  # noqa: A002
+        self.id = id
+        self.results = results
+        self.parent: AsyncResult | GroupResult | None = None
+
+    def __repr__(self) -> str:
+        return f"<GroupResult {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    def __iter__(self) -> Iterator[AsyncResult]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    @classmethod
+    def restore(cls, group_id: str) -> GroupResult:
+        """The handle of a group sent earlier, from its stored row; ``LookupError`` if none."""
+        from .models import TaskGroup
+
+        ids = TaskGroup.objects.filter(group_id=group_id).values_list("task_ids", flat=True)
+        found = ids.first()
+        if found is None:
+            raise LookupError(f"No group {group_id!r} is stored (never sent, or pruned after "
+                              f"RESULT_EXPIRES)")
+        return cls(group_id, [AsyncResult(task_id, kept=True) for task_id in found])
+
+    def _outcomes(self) -> list[tuple[str, Any]]:
+        """Each member's (state, stored result), with one query for all of them (two when a
+        chord's body took members' results that are no longer stored one by one)."""
+        from .models import TaskGroup
+
+        stored = {r.id: (r.status, r.result) for r in self.results if isinstance(r, EagerResult)}
+        waiting = [r.id for r in self.results if r.id not in stored]
+        if waiting:
+            stored.update((task_id, (state, value)) for task_id, state, value in
+                          TaskResult.objects.filter(task_id__in=waiting)
+                          .values_list("task_id", "status", "result"))
+        if len(stored) < len(self.results):
+            given = TaskGroup.objects.filter(group_id=self.id).values_list("results", flat=True)
+            values = given.first()
+            if values is not None:
+                for result, value in zip(self.results, values, strict=False):
+                    stored.setdefault(result.id, (TaskState.SUCCESS, value))
+        return [stored.get(r.id, (TaskState.PENDING, None)) for r in self.results]
+
+    def ready(self) -> bool:
+        """True once every member has finished."""
+        return all(state in READY_STATES for state, _ in self._outcomes())
+
+    def successful(self) -> bool:
+        """True once every member has succeeded."""
+        return all(state == TaskState.SUCCESS for state, _ in self._outcomes())
+
+    def failed(self) -> bool:
+        """True when a member failed."""
+        return any(state == TaskState.FAILURE for state, _ in self._outcomes())
+
+    def completed_count(self) -> int:
+        """How many members have succeeded."""
+        return sum(state == TaskState.SUCCESS for state, _ in self._outcomes())
+
+    def get(self, timeout: float | None = None, propagate: bool = True,
+            interval: float = 0.05) -> list[Any]:
+        """Wait for every member; their results in order (a failure re-raised when
+        ``propagate``, else the exception in its place)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = interval
+        while True:
+            outcomes = self._outcomes()
+            if all(state in READY_STATES for state, _ in outcomes):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                done = sum(state in READY_STATES for state, _ in outcomes)
+                raise TimeoutError(f"Group {self.id}: {done} of {len(outcomes)} tasks "
+                                   f"finished within {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        values = []
+        for result, (state, value) in zip(self.results, outcomes, strict=True):
+            if isinstance(result, EagerResult):
+                values.append(result.get(propagate=propagate))
+            elif state == TaskState.SUCCESS:
+                values.append(value)
+            elif state == TaskState.REVOKED:
+                exc: BaseException = TaskRevokedError(f"Task {result.id} was revoked: {value}")
+                if propagate:
+                    raise exc
+                values.append(exc)
+            else:
+                exc = rebuild_exception(value)
+                if propagate:
+                    raise exc
+                values.append(exc)
+        return values
+
+    join = get
+
+    def forget(self) -> None:
+        """Delete the members' stored outcomes and the group's row."""
+        from .models import TaskGroup
+
+        TaskResult.objects.filter(task_id__in=[r.id for r in self.results]).delete()
+        TaskGroup.objects.filter(group_id=self.id).delete()
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke every member that has not finished."""
+        for result in self.results:
+            result.revoke(terminate=terminate)
+
+
 class EagerResult(AsyncResult):
     """The outcome of a task run inline (``EAGER``): known at once, nothing to wait for."""
 
@@ -214,6 +331,10 @@ def prune(older_than: datetime | None = None,
         # the database.
         deleted, _ = TaskResult.objects.filter(pk__in=batch[:PRUNE_BATCH]).delete()
         if not deleted:
+            from .models import TaskGroup
+
+            # Groups and chords go with their members (a chord's row holds its results).
+            TaskGroup.objects.filter(date_created__lt=cutoff).delete()
             return total
         total += deleted
         if progress is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import registry
@@ -13,6 +13,7 @@ from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
 from .execute import Request, current_request
 
 if TYPE_CHECKING:
+    from .canvas import Signature, chunks, xmap, xstarmap
     from .results import AsyncResult
 
 P = ParamSpec("P")
@@ -25,6 +26,7 @@ OPTIONS = frozenset({
 })
 APPLY_OPTIONS = frozenset({
     "args", "kwargs", "countdown", "eta", "expires", "queue", "priority", "task_id", "headers",
+    "link", "link_error",
 })
 
 
@@ -127,6 +129,41 @@ class Task(Generic[P, R]):
         from . import client
 
         return client.send(self, list(args or ()), dict(kwargs or {}), **options)
+
+    def signature(self, args: tuple[Any, ...] | list[Any] = (),
+                  kwargs: dict[str, Any] | None = None, **options: Any) -> Signature:
+        """A call to make later, in a workflow: ``task.signature((2,), {"x": 1}, queue=…)``."""
+        from .canvas import Signature
+
+        return Signature(self, args, kwargs, options)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A call to make later; in a chain it gets the result before it as first argument."""
+        return self.signature(args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """A call to make later that ignores the results before it (immutable)."""
+        sig = self.signature(args, kwargs)
+        sig.set_immutable(True)
+        return sig
+
+    def map(self, items: Iterable[Any]) -> xmap:
+        """One task calling this one on each item in turn; its result is the list."""
+        from .canvas import xmap
+
+        return xmap(self.s(), items)
+
+    def starmap(self, items: Iterable[Iterable[Any]]) -> xstarmap:
+        """One task calling this one with each item's arguments in turn: ``f(*item)``."""
+        from .canvas import xstarmap
+
+        return xstarmap(self.s(), items)
+
+    def chunks(self, items: Iterable[Iterable[Any]], n: int) -> chunks:
+        """``items`` cut into parts of ``n``, each part one ``starmap`` task, run as a group."""
+        from .canvas import chunks
+
+        return chunks(self.s(), items, n)
 
     def retry_countdown(self, retries: int) -> float:
         """Seconds to wait before retry number ``retries + 1``."""

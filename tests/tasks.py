@@ -127,3 +127,34 @@ if django.VERSION >= (6, 0):
     def django_add(x: int, y: int) -> int:
         """A task of Django's own framework (``django.tasks``)."""
         return x + y
+
+
+# Workflows (tests/test_canvas.py, tests/e2e/test_workflows.py).
+@task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@task(results="all")
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+@task
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"{x} is bad")
+    return x
+
+
+errors_seen: list[Any] = []
+
+
+@task
+def note_failure(task_id: str) -> None:
+    errors_seen.append(task_id)
+
+
+@task
+def note_failure_inline(request: Any, exc: BaseException, traceback: str) -> None:
+    errors_seen.append((request.id, repr(exc)))

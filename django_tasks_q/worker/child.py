@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import DatabaseError, close_old_connections, connections
 
-from .. import execute, signals
+from .. import execute, signals, workflow
 from ..message import TaskMessage
 
 logger = logging.getLogger("django_tasks_q.worker")
@@ -87,6 +87,9 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
     close_old_connections()
     try:
         outcome = execute.run(msg, hostname)
+        if workflow.in_workflow(msg):
+            # Worked out here, where the return value is; the parent publishes them.
+            outcome.follow = workflow.follow_ups(msg, outcome)
     except Exception as exc:  # noqa: BLE001 - the outcome could not be stored
         if isinstance(exc, DatabaseError):  # the database went away: no traceback needed
             logger.error("Task %s[%s]: outcome could not be stored (%s: %s); giving it back",

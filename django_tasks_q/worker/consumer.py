@@ -21,7 +21,7 @@ from kombu.asynchronous import Hub
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.messaging import Consumer as KombuConsumer
 
-from .. import broker, client, conf, execute, message, registry, signals
+from .. import broker, client, conf, execute, message, registry, signals, workflow
 from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
 from ..models import TaskResult, TaskState
 from ..outage import Outage
@@ -31,7 +31,6 @@ from .ratelimit import RateLimits
 from .state import Tally, Watcher
 
 if TYPE_CHECKING:
-    from ..task import Task
     from .events import Events
 
 logger = logging.getLogger("django_tasks_q.worker")
@@ -493,7 +492,8 @@ class Consumer:
             if job.msg.id in revoked:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
                 self._announce_revoked(job, terminated=False)
-                self._settle(job, ACK)
+                if self._ended_here(job, execute.Outcome(TaskState.REVOKED)):
+                    self._settle(job, ACK)
                 continue
             wait = self.rate_limits.wait(job.msg.name)
             if wait:
@@ -525,7 +525,7 @@ class Consumer:
             self._requeue_later(job)
         elif status == LOST:
             self._on_lost(job, outcome)
-        else:
+        elif self._publish_follow(job, outcome.follow):
             self._settle(job, ACK)
             if status == TaskState.SUCCESS and logger.isEnabledFor(logging.INFO):
                 logger.info("Task %s[%s] succeeded in %.3fs: %s", msg.name, msg.id,
@@ -533,10 +533,37 @@ class Consumer:
         if self._polled and not self.stopping and not self.buffer and self.hub is not None:
             self.hub.call_soon(self._poll)
 
+    def _publish_follow(self, job: Job, follow: list[client.Outgoing]) -> bool:
+        """Publish what follows ``job`` in its workflow before its message is acknowledged;
+        False (the message is given back and run again) when that fails."""
+        try:
+            for msg, body in follow:
+                client.publish(msg, body, defer=False)
+        except Exception:  # noqa: BLE001 - run it again rather than lose its workflow
+            logger.exception("Could not publish what follows %s; giving it back", _label(job))
+            self._requeue_later(job)
+            return False
+        return True
+
+    def _ended_here(self, job: Job, outcome: execute.Outcome) -> bool:
+        """``job`` ended in this process, not in the pool (revoked, or its child lost): work
+        out and publish what follows it; False when that failed (it was given back)."""
+        if not workflow.in_workflow(job.msg):
+            return True
+        try:
+            follow = workflow.follow_ups(job.msg, outcome)
+        except DatabaseError as exc:
+            self._database_failed(f"Could not record the end of {_label(job)} in its "
+                                  f"workflow; giving it back", exc)
+            self._requeue_later(job)
+            return False
+        return self._publish_follow(job, follow)
+
     def _on_lost(self, job: Job, outcome: execute.Outcome) -> None:
         if job.revoked:  # terminated on request: the REVOKED row is there already
             self._announce_revoked(job, terminated=True)
-            self._settle(job, ACK)
+            if self._ended_here(job, execute.Outcome(TaskState.REVOKED, error="terminated")):
+                self._settle(job, ACK)
             return
         if job.timed_out:
             self._fail(job, TimeLimitExceeded(
@@ -577,15 +604,16 @@ class Consumer:
             return
         logger.error("Task %s[%s] failed: %s: %s", job.msg.name, job.msg.id,
                      type(exc).__name__, exc)
-        signals.task_failure.send(sender=_registered(job.msg.name), task_id=job.msg.id,
+        signals.task_failure.send(sender=registry.find(job.msg.name), task_id=job.msg.id,
                                   exception=exc, args=job.msg.args, kwargs=job.msg.kwargs,
                                   traceback="", einfo="")
-        self._settle(job, ACK)
+        if self._ended_here(job, execute.Outcome(TaskState.FAILURE, exc=exc)):
+            self._settle(job, ACK)
 
     def _announce_revoked(self, job: Job, terminated: bool) -> None:
         """Tell ``task_revoked`` receivers and the watchers that ``job`` was dropped or killed."""
         # A terminated task's prefork child was killed with SIGKILL (pool.terminate).
-        signals.task_revoked.send(sender=_registered(job.msg.name),
+        signals.task_revoked.send(sender=registry.find(job.msg.name),
                                   request=execute.request_for(job.msg, self.hostname),
                                   terminated=terminated,
                                   signum=signal.SIGKILL if terminated else None, expired=False)
@@ -620,14 +648,6 @@ class Consumer:
             raise
         except Exception:  # noqa: BLE001 - e.g. already acknowledged
             logger.exception("Could not settle message %s", _label(job))
-
-
-def _registered(name: str) -> Task[Any, Any] | None:
-    """The task called ``name``, or None when this worker does not know it."""
-    try:
-        return registry.get(name)
-    except TaskNotRegistered:
-        return None
 
 
 def _label(job: Job) -> str:

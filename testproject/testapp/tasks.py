@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from decimal import Decimal
@@ -11,9 +12,11 @@ from django.core.mail import send_mail
 from django.db.models import DecimalField, ExpressionWrapper, F, Sum
 from django.utils import timezone
 
-from django_tasks_q import Task, task
+from django_tasks_q import AsyncResult, Signature, Task, chord, group, task
 
-from .models import Order
+from .models import Order, OrderLine
+
+logger = logging.getLogger(__name__)
 
 
 class PaymentDeclined(Exception):
@@ -99,3 +102,112 @@ def sales_report() -> dict[str, Any]:
     """Totals of the orders so far: sent every minute by the scheduler (BEAT_SCHEDULE)."""
     orders = Order.objects.all()
     return {"orders": orders.count(), "total": str(sum(o.total for o in orders))}
+
+
+# Workflows: the month's sales report, composed of small tasks (docs/workflows.rst).
+@task(results="all")
+def report_sum_totals(totals: list[str]) -> str:
+    """Add up order totals (strings, as recalculate_totals returns them): a chord's body,
+    which keeps its result so that a caller can wait for the sum."""
+    return str(sum((Decimal(total) for total in totals), Decimal("0.00")))
+
+
+@task(results="all")
+def report_mail_finance(total: str, year: int, month: int) -> dict[str, Any]:
+    """Mail the month's total to finance; the last step, so it keeps its result for callers."""
+    # At least once: a worker lost after the mail went out sends it again. Finance can live
+    # with a duplicate; a task that must not repeat checks first, as send_receipt does.
+    send_mail(
+        subject=f"Sales {year}-{month:02d}",
+        message=f"Orders placed in {year}-{month:02d} total {total}.",
+        from_email=None,
+        recipient_list=["finance@example.com"],
+    )
+    return {"year": year, "month": month, "total": total}
+
+
+@task()
+def report_alert(task_id: str) -> None:
+    """Errback sent as a task of its own: it gets the failed task's id, and reads its failure."""
+    send_mail(
+        subject=f"Task {task_id} failed",
+        message=f"{AsyncResult(task_id).result!r}\n/admin/django_tasks_q/taskresult/?q={task_id}",
+        from_email=None,
+        recipient_list=["ops@example.com"],
+    )
+
+
+@task()
+def report_log_failure(request: Any, exc: BaseException, traceback: str) -> None:
+    """Errback called in the worker, where the task failed, with its request and exception."""
+    logger.error("Monthly report: %s[%s] failed: %r", request.task, request.id, exc)
+
+
+def report_monthly(year: int, month: int) -> Signature:
+    """The month's report as one workflow: each order's total at once (a chord), their sum,
+    then a mail to finance; a failure anywhere is logged by report_log_failure."""
+    orders = Order.objects.filter(created_at__year=year, created_at__month=month)
+    header = group(recalculate_totals.s(pk) for pk in orders.values_list("pk", flat=True))
+    workflow = chord(header, report_sum_totals.s()) | report_mail_finance.s(year, month)
+    return workflow.on_error(report_log_failure.s())
+
+
+# Workflows on real workers (tests/e2e/test_workflows.py). The tasks that must leave a trace of
+# every run write a line on an order the test gives them: a journal the test reads back.
+def _wf_journal(order_id: int, entry: str) -> None:
+    OrderLine.objects.create(order_id=order_id, description=entry[:200], quantity=1,
+                             unit_price=Decimal("0.00"))
+
+
+@task()
+def wf_add(x: int, y: int) -> int:
+    """Add two numbers; keeps failures only (a workflow's members are kept for it anyway)."""
+    return x + y
+
+
+@task(results="all")
+def wf_double(x: int) -> int:
+    """Twice ``x``; keeps its result: the last step of a chain, or a link."""
+    return 2 * x
+
+
+@task()
+def wf_fail_on(x: int, bad: int) -> int:
+    """``x``, or a ValueError when ``x`` is ``bad``."""
+    if x == bad:
+        raise ValueError(f"{x} is bad")
+    return x
+
+
+@task(bind=True, results="all")
+def wf_slow(self: Task, x: int, seconds: float, order_id: int | None = None) -> int:
+    """``x`` after ``seconds``. With ``order_id``, each start is noted (with the worker), and
+    only the first one sleeps: delivered again after its worker died, it returns at once."""
+    if order_id is not None:
+        entry = f"wf_slow {self.request.id} started"
+        again = OrderLine.objects.filter(order_id=order_id,
+                                         description__startswith=entry).exists()
+        _wf_journal(order_id, f"{entry} on {self.request.hostname}")
+        if again:
+            return x
+    time.sleep(seconds)
+    return x
+
+
+@task(results="all")
+def wf_collect(values: list[int], order_id: int) -> list[int]:
+    """A chord's body: notes each run and the values it got, and returns them."""
+    _wf_journal(order_id, f"wf_collect {values}")
+    return values
+
+
+@task(results="all")
+def wf_failed_id(task_id: str) -> str:
+    """An errback sent as a task: gets the failed task's id, and keeps it as its result."""
+    return task_id
+
+
+@task()
+def wf_note_error(request: Any, exc: BaseException, traceback: str, order_id: int) -> None:
+    """An errback called where the task failed: notes the task's id and exception."""
+    _wf_journal(order_id, f"wf_note_error {request.id} {type(exc).__name__}: {exc}")
