@@ -172,6 +172,13 @@ class Signature(dict[str, Any]):
                              chain=rest or None, **opts)]
 
 
+def _own(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A workflow's options that its tasks take (queue, countdown…): not its id, links or
+    placement."""
+    return {k: v for k, v in options.items()
+            if k not in ("task_id", "link", "link_error", *_PLACED)}
+
+
 def _received(given: tuple[Any, ...], kind: str | None) -> bool:
     """True when ``given`` is one plain dict of this kind: the form it travels in."""
     return (len(given) == 1 and isinstance(given[0], Mapping)
@@ -280,6 +287,7 @@ class chain(Signature):  # noqa: N801 - Celery's name
         for step in steps:
             _add_links(step, "link_error", self.options.get("link_error"))
         first, *rest = steps
+        first.options.update(_own(self.options))  # the chain's queue, countdown… start it
         # Popped from the end: the next step comes last.
         after = [*(chain_rest or []), *(dict(s) for s in reversed(rest))]
         return first.messages(after, lineage)
@@ -342,6 +350,8 @@ class group(Signature):  # noqa: N801 - Celery's name
 
         members = self.tasks
         workflow.record(str(self.id), [str(m.id) for m in members], dict(self))
+        for member in members:  # the group's own options (queue, countdown…) win, as in Celery
+            member.options.update(_own(self.options))
         return [out for m in members for out in m.messages(None, lineage)]
 
 
@@ -402,6 +412,8 @@ class chord(Signature):  # noqa: N801 - Celery's name
         for key in ("link", "link_error"):  # a chord's callbacks are its body's
             _add_links(body, key, self.options.get(key))
         members = header.tasks
+        for member in members:  # the chord's own options (queue, countdown…) go to its header
+            member.options.update(_own(self.options))
         if not members:  # nothing to wait for
             return body.clone(([],)).messages(None, lineage)
         body["chord_size"] = len(members)

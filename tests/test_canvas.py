@@ -333,3 +333,14 @@ def test_public_names() -> None:
     assert django_tasks_q.GroupResult is GroupResult
     assert message.EMBED == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     assert TaskRevokedError.__module__ == "django_tasks_q.exceptions"
+
+
+def test_a_workflows_own_options_reach_its_tasks() -> None:
+    group(tasks.add.s(1, 1), tasks.add.s(2, 2), queue="high").apply_async(priority=7)
+    chord([tasks.add.s(1, 1)], tasks.total.s()).apply_async(queue="low")
+    chain(tasks.add.s(1, 1), tasks.add.s(2)).apply_async(queue="low", countdown=60)
+    assert [(h["task"], p) for h, _, p in drain("high")] == [("tests.tasks.add", 7)] * 2
+    low = drain("low")
+    assert [h["task"] for h, _, _ in low] == ["tests.tasks.add"] * 2
+    assert low[0][0]["eta"] is None and low[1][0]["eta"] is not None
+    assert drain() == []

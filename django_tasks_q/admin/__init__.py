@@ -1,5 +1,5 @@
-"""Surface: the admin: stored outcomes, periodic tasks and the dashboard."""
+"""Surface: the admin: stored outcomes, groups and chords, periodic tasks and the dashboard."""
 
-from . import dashboard, periodic, results
+from . import dashboard, groups, periodic, results
 
-__all__ = ["dashboard", "periodic", "results"]
+__all__ = ["dashboard", "groups", "periodic", "results"]

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
@@ -126,6 +127,35 @@ class QueueFilter(_NameFilter):
         return {*cfg.QUEUES, cfg.DEFAULT_QUEUE}
 
 
+class _LinkFilter(admin.SimpleListFilter):
+    """Exact match on an id column, reached through a link from a detail page ("all tasks of
+    this workflow"): shown, so that it can be cleared, only while it applies."""
+
+    field = ""
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        value = self.value()
+        return [(str(value), str(value))] if value else []
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(**{self.field: value}) if value else queryset
+
+
+class WorkflowFilter(_LinkFilter):
+    """The tasks of one workflow: those with this root id (an index lookup)."""
+
+    title = "workflow"
+    parameter_name = field = "root_id"
+
+
+class GroupFilter(_LinkFilter):
+    """The members of one group or chord (an index lookup)."""
+
+    title = "group"
+    parameter_name = field = "group_id"
+
+
 class FinishedFilter(admin.DateFieldListFilter):
     """By date finished: today, the past 7 days, this month, this year (a range on the index)."""
 
@@ -154,7 +184,8 @@ class TaskResultAdmin(TaskResultAdminBase):
 
     list_display = ("task_id", "task", "status", "queue", "worker", "runtime", "finished")
     list_display_links = ("task_id",)
-    list_filter = ("status", TaskFilter, QueueFilter, ("date_done", FinishedFilter))
+    list_filter = ("status", TaskFilter, QueueFilter, ("date_done", FinishedFilter),
+                   WorkflowFilter, GroupFilter)
     search_fields = ("task_id", "task_name")  # shows the box; get_search_results decides
     search_help_text = ("A task id (exact), or part of a task name or of the exception "
                         "(the exception text is searched row by row: slow on a big table).")
@@ -166,7 +197,7 @@ class TaskResultAdmin(TaskResultAdminBase):
     readonly_fields = ("task_id", "task_name", "status", "exception", "traceback_text",
                        "result_json", "args_json", "kwargs_json", "date_created",
                        "date_started", "date_done", "runtime", "retries", "worker", "queue",
-                       "priority")
+                       "priority", "root_link", "parent_link", "group_link")
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ResultChangeList]:
         return ResultChangeList
@@ -181,6 +212,7 @@ class TaskResultAdmin(TaskResultAdminBase):
             ("Arguments", {"fields": ("args_json", "kwargs_json")}),
             ("Timings", {"fields": ("date_created", "date_started", "date_done", "runtime")}),
             ("Where it ran", {"fields": ("worker", "queue", "priority", "retries")}),
+            ("Workflow", {"fields": ("root_link", "parent_link", "group_link")}),
         ]
 
     # -- read-only, retry by permission --------------------------------------------------------
@@ -252,6 +284,28 @@ class TaskResultAdmin(TaskResultAdminBase):
     def kwargs_json(self, row: TaskResult) -> str:
         return pretty(row.kwargs)
 
+    @admin.display(description="root id")
+    def root_link(self, row: TaskResult) -> str:
+        if not row.root_id:
+            return "-"
+        return format_html('{} (<a href="{}">all tasks of this workflow</a>)', row.root_id,
+                           results_url(root_id=row.root_id))
+
+    @admin.display(description="parent id")
+    def parent_link(self, row: TaskResult) -> str:
+        if not row.parent_id:
+            return "-"
+        return format_html('<a href="{}">{}</a>', results_url(q=row.parent_id), row.parent_id)
+
+    @admin.display(description="group id")
+    def group_link(self, row: TaskResult) -> str:
+        if not row.group_id:
+            return "-"
+        groups = reverse("admin:django_tasks_q_taskgroup_changelist")
+        return format_html('<a href="{}?{}">{}</a> (<a href="{}">all members of this group</a>)',
+                           groups, urlencode({"q": row.group_id}), row.group_id,
+                           results_url(group_id=row.group_id))
+
     # -- views ----------------------------------------------------------------------------------
     def get_urls(self) -> list[URLPattern]:
         retry_url = path("<path:object_id>/retry/", self.admin_site.admin_view(self.retry_view),
@@ -313,6 +367,11 @@ class TaskResultAdmin(TaskResultAdminBase):
         ids = ", ".join(new for _, new in sent[:IDS_SHOWN])
         more = f" and {len(sent) - IDS_SHOWN} more" if len(sent) > IDS_SHOWN else ""
         return f"Sent {len(sent)} tasks again; their new task ids: {ids}{more}."
+
+
+def results_url(**query: str) -> str:
+    """The list of stored results, filtered or searched by ``query``."""
+    return f"{reverse('admin:django_tasks_q_taskresult_changelist')}?{urlencode(query)}"
 
 
 def _failed(row: TaskResult) -> bool:
