@@ -182,7 +182,11 @@ def part_done(msg: TaskMessage, outcome: execute.Outcome) -> list[Outgoing]:
         if row.fired_by:
             # Sent already; the member that sent it is run again only when its worker died
             # before acknowledging it, maybe before publishing the body: send it again.
-            return _fire(row, msg, outcome) if row.fired_by == msg.id else []
+            if row.fired_by == msg.id:
+                return _fire(row, msg, outcome)
+            if outcome.status == TaskState.SUCCESS and row.results is not None:
+                _forget_members([msg.id])  # its value went to the body with the others
+            return []
         if outcome.status == TaskState.SUCCESS:
             finished = TaskResult.objects.filter(group_id=group_id,
                                                  status=TaskState.SUCCESS).count()

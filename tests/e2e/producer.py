@@ -34,6 +34,7 @@ class Producer:
 
         self.connection = broker.connection()
         self.channel = self.connection.default_channel
+        self.handles: dict[str, Any] = {}  # result handles of workflows applied, by id
 
     def _reopen(self) -> None:
         from django_tasks_q import broker
@@ -137,11 +138,46 @@ class Producer:
 
         return send_task(name, args, kwargs, queue=queue, priority=priority).id
 
-    def op_apply_async(self, name: str, args: list[Any], queue: str) -> str:
-        """Send a registered task the way application code does: ``Task.apply_async``."""
+    def op_apply_async(self, name: str, args: list[Any], queue: str,
+                       link: Any = None, link_error: Any = None) -> str:
+        """Send a registered task the way application code does: ``Task.apply_async`` (with
+        ``link``/``link_error``: signatures in their dict form)."""
         from django_tasks_q import registry
 
-        return registry.get(name).apply_async(args=args, queue=queue).id
+        return registry.get(name).apply_async(args=args, queue=queue, link=link,
+                                              link_error=link_error).id
+
+    def op_apply_workflow(self, sig: dict[str, Any]) -> dict[str, Any]:
+        """``signature(sig).apply_async()`` for a chain, group or chord in its dict form; its
+        result handle described (``id``, group ``members``, ``parent``), kept for op_handle."""
+        from django_tasks_q import GroupResult, signature
+
+        def describe(handle: Any) -> dict[str, Any] | None:
+            if handle is None:
+                return None
+            members = ([r.id for r in handle.results] if isinstance(handle, GroupResult)
+                       else None)
+            return {"id": handle.id, "members": members, "parent": describe(handle.parent)}
+
+        handle = signature(sig).apply_async()
+        self.handles[handle.id] = handle
+        return describe(handle) or {}
+
+    def op_handle(self, handle_id: str, method: str,
+                  kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Call ``method`` of a handle op_apply_workflow returned: ``{"value": …}``, or
+        ``{"raised": exception type, "message": …}``."""
+        try:
+            return {"value": getattr(self.handles[handle_id], method)(**(kwargs or {}))}
+        except Exception as exc:  # noqa: BLE001 - what the test asserts on
+            return {"raised": type(exc).__name__, "message": str(exc)}
+
+    def op_order_lines(self, pk: int) -> list[str]:
+        """The descriptions of order ``pk``'s lines, oldest first."""
+        from testproject.testapp.models import OrderLine
+
+        return list(OrderLine.objects.filter(order_id=pk).order_by("id")
+                    .values_list("description", flat=True))
 
     def op_raw(self, queue: str, body_b64: str, content_type: str, content_encoding: str,
                headers: dict[str, Any], correlation_id: str) -> None:
