@@ -137,7 +137,7 @@ class Outcome:
     exc_repr: str = ""  # short repr of the exception, for FAILURE and RETRY (events)
     traceback: str | None = None  # for FAILURE and RETRY
     #: Messages to publish before this one is acknowledged: the next step of its chain, its
-    #: links, a chord's body (see ``canvas.follow_ups``).
+    #: links, a chord's body (see ``workflow.follow_ups``).
     follow: list[tuple[TaskMessage, str]] = field(default_factory=list)
     # Only kept in the process that ran the task, never sent between processes:
     value: Any = None
