@@ -104,7 +104,7 @@ def test_online_and_offline_follow_the_heartbeat_and_a_clean_stop(
     limit = monitor.OFFLINE_AFTER
     assert limit == 3 * HEARTBEAT_INTERVAL
     worker_row("fresh@a", seen=1)
-    worker_row("edge@a", seen=limit - 1)
+    worker_row("edge@a", seen=limit - 2)  # near the limit, with room for a slow page
     worker_row("late@a", seen=limit + 1)
     worker_row("stopped@a", seen=1, stopped=True)
 
@@ -121,8 +121,9 @@ def test_online_and_offline_follow_the_heartbeat_and_a_clean_stop(
     assert '<tr data-hostname="late@a" class="dtq-offline">' in html
     assert '<tr data-hostname="stopped@a" class="dtq-offline">' in html
     # Seconds since the beat, as the page was rendered: a second or two after the row.
-    seen = re.search(r'<td class="dtq-seen" title="([^"]+)">(\d+) s ago</td>\s*'
-                     r'<td class="dtq-status">offline</td>', html)
+    seen = re.search(r'<tr data-hostname="late@a" class="dtq-offline">.*?'
+                     r'<td class="dtq-seen" title="([^"]+)">(\d+) s ago</td>\s*'
+                     r'<td class="dtq-status">offline</td>', html, re.S)
     assert seen and seen[1] == found["late@a"].last_heartbeat.isoformat()
     assert limit + 1 <= int(seen[2]) <= limit + 5
     data = client.get(DATA_URL).json()
