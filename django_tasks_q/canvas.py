@@ -20,7 +20,9 @@ OPTIONS = frozenset({
     "link_error",
 })
 #: What a workflow adds to its members' options (set when it is frozen).
-_PLACED = ("group_id", "group_index", "chord", "chain", "root_id", "parent_id")
+PLACED = ("group_id", "group_index", "chord", "chain", "root_id", "parent_id")
+#: The options ``client.build`` takes as they are (a step's ``chain`` is joined to the rest).
+_BUILT = OPTIONS | (set(PLACED) - {"chain"})
 
 
 class Signature(dict[str, Any]):
@@ -92,13 +94,18 @@ class Signature(dict[str, Any]):
 
     def clone(self, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
               **options: Any) -> Signature:
-        """A copy, with ``args`` before its own (unless immutable) and more options."""
+        """A copy, taking ``args`` and ``kwargs`` as given when applied, and more options."""
         new = signature(copy.deepcopy(dict(self)))
-        if not new.immutable:
-            new["args"] = [*args, *new.args]
-            new["kwargs"] = {**new.kwargs, **(kwargs or {})}
+        if args or kwargs:
+            new.take(list(args), dict(kwargs or {}))
         new.options.update(options)
         return new
+
+    def take(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Take arguments given when applied: before its own, unless immutable."""
+        if not self.immutable:
+            self["args"] = [*args, *self.args]
+            self["kwargs"] = {**self.kwargs, **kwargs}
 
     def set(self, **options: Any) -> Signature:
         """Set options (queue, countdown, priority…) in place; returns the signature."""
@@ -176,7 +183,7 @@ def _own(options: Mapping[str, Any]) -> dict[str, Any]:
     """A workflow's options that its tasks take (queue, countdown…): not its id, links or
     placement."""
     return {k: v for k, v in options.items()
-            if k not in ("task_id", "link", "link_error", *_PLACED)}
+            if k not in ("task_id", "link", "link_error", *PLACED)}
 
 
 def _received(given: tuple[Any, ...], kind: str | None) -> bool:
@@ -197,7 +204,7 @@ def _add_links(sig: Signature, key: str, value: Any) -> None:
 
 def _checked(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` if known, with times as they travel (ISO text, seconds)."""
-    unknown = set(options) - OPTIONS - set(_PLACED)
+    unknown = set(options) - OPTIONS - set(PLACED)
     if unknown:
         raise TypeError(f"Unknown option(s) {sorted(unknown)} for {name}; known: "
                         f"{', '.join(sorted(OPTIONS))}")
@@ -215,8 +222,8 @@ def _checked(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _message_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """``client.build`` arguments from a signature's options (as sent by either side)."""
-    opts = {key: options[key] for key in (*OPTIONS, "group_id", "group_index", "chord",
-                                          "root_id", "parent_id") if options.get(key) is not None}
+    opts = {key: value for key, value in options.items()
+            if key in _BUILT and value is not None}
     for key in ("eta", "expires"):  # as text once they travelled
         if isinstance(opts.get(key), str):
             opts[key] = message.parse_time(opts[key])
@@ -256,15 +263,11 @@ class chain(Signature):  # noqa: N801 - Celery's name
     def __or__(self, other: Signature) -> chain:  # type: ignore[override]
         return chain(*self.tasks, other)
 
-    def clone(self, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
-              **options: Any) -> Signature:
-        new = chain(copy.deepcopy(dict(self)))
-        steps = new.tasks
-        if steps and (args or kwargs):  # the first step takes them
+    def take(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        steps = self.tasks
+        if steps:  # the first step takes them
             steps[0] = steps[0].clone(args, kwargs)
-        new["kwargs"]["tasks"] = steps
-        new.options.update(options)
-        return new
+        self["kwargs"]["tasks"] = steps
 
     def freeze(self) -> AsyncResult | GroupResult:
         steps, parent = self.tasks, None
@@ -315,12 +318,8 @@ class group(Signature):  # noqa: N801 - Celery's name
         """The members, in order."""
         return [signature(t) for t in self["kwargs"]["tasks"]]
 
-    def clone(self, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
-              **options: Any) -> Signature:
-        new = group(copy.deepcopy(dict(self)))
-        new["kwargs"]["tasks"] = [t.clone(args, kwargs) for t in new.tasks]
-        new.options.update(options)
-        return new
+    def take(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self["kwargs"]["tasks"] = [t.clone(args, kwargs) for t in self.tasks]
 
     def freeze(self) -> GroupResult:
         from .results import GroupResult
@@ -384,12 +383,8 @@ class chord(Signature):  # noqa: N801 - Celery's name
         """The task run with the header's results."""
         return signature(self["kwargs"]["body"])
 
-    def clone(self, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
-              **options: Any) -> Signature:
-        new = chord(copy.deepcopy(dict(self)))
-        new["kwargs"]["header"] = new.header.clone(args, kwargs)
-        new.options.update(options)
-        return new
+    def take(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self["kwargs"]["header"] = self.header.clone(args, kwargs)
 
     def freeze(self) -> AsyncResult | GroupResult:
         header = self.header
@@ -471,7 +466,7 @@ class chunks(Signature):  # noqa: N801 - Celery's name
 
 
 _KINDS: dict[str | None, type[Signature]] = {"chain": chain, "group": group, "chord": chord}
-_BUILTINS: dict[str, type[Signature]] = {"celery.map": xmap, "celery.starmap": xstarmap,
+BUILTINS: dict[str, type[Signature]] = {"celery.map": xmap, "celery.starmap": xstarmap,
                                           "celery.chunks": chunks}
 
 
@@ -485,7 +480,7 @@ def signature(value: Signature | Mapping[str, Any] | str, *args: Any,
         return value
     if not isinstance(value, Mapping) or "task" not in value:
         raise TypeError(f"not a signature: {value!r} (make one with task.s(...))")
-    cls = _KINDS.get(value.get("subtask_type")) or _BUILTINS.get(value["task"]) or Signature
+    cls = _KINDS.get(value.get("subtask_type")) or BUILTINS.get(value["task"]) or Signature
     return cls(value)
 
 

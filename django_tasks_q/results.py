@@ -38,6 +38,14 @@ def rebuild_exception(info: Any) -> BaseException:
     return stand_in
 
 
+def failure_of(task_id: str, state: str, stored: Any) -> BaseException:
+    """What waiting for a task that ended without success raises: ``TaskRevokedError`` for a
+    revoked one, else its own exception rebuilt."""
+    if state == TaskState.REVOKED:
+        return TaskRevokedError(f"Task {task_id} was revoked: {stored}")
+    return rebuild_exception(stored)
+
+
 def store_state(task_id: str | None, task: Task[Any, Any], state: str, meta: Any) -> None:
     """Record a custom state with ``meta`` (progress) for a running task."""
     if not task_id:
@@ -149,9 +157,7 @@ class AsyncResult:
         if row.status == TaskState.SUCCESS:
             return row.result
         if propagate:
-            if row.status == TaskState.REVOKED:
-                raise TaskRevokedError(f"Task {self.id} was revoked: {row.result}")
-            raise rebuild_exception(row.result)
+            raise failure_of(self.id, row.status, row.result)
         return self.result
 
     def forget(self) -> None:
@@ -256,16 +262,10 @@ class GroupResult:
                 values.append(result.get(propagate=propagate))
             elif state == TaskState.SUCCESS:
                 values.append(value)
-            elif state == TaskState.REVOKED:
-                exc: BaseException = TaskRevokedError(f"Task {result.id} was revoked: {value}")
-                if propagate:
-                    raise exc
-                values.append(exc)
+            elif propagate:
+                raise failure_of(result.id, state, value)
             else:
-                exc = rebuild_exception(value)
-                if propagate:
-                    raise exc
-                values.append(exc)
+                values.append(failure_of(result.id, state, value))
         return values
 
     join = get

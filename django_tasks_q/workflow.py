@@ -19,6 +19,7 @@ from .states import TaskState
 
 if TYPE_CHECKING:
     from .client import Outgoing
+    from .models import TaskGroup
     from .task import Task
 
 logger = logging.getLogger("django_tasks_q.workflow")
@@ -79,12 +80,9 @@ def _apply(msg: TaskMessage, sig: Mapping[str, Any], args: Sequence[Any],
         # Not publishable (e.g. a return value JSON cannot carry): stored against the step
         # that cannot run, so whoever waits for it hears why rather than waiting forever.
         logger.error("Task %s[%s]: what follows it cannot be sent: %s", msg.name, msg.id, exc)
-        step = dict(sig)
-        step_id = (step.get("options") or {}).get("task_id")
+        step_id = (sig.get("options") or {}).get("task_id")
         if step_id:
-            _store_failure(TaskMessage(id=step_id, name=str(step.get("task")), args=[],
-                                       kwargs={}, root_id=lineage["root_id"],
-                                       parent_id=msg.id), exc, "")
+            _not_run(step_id, str(sig.get("task")), msg, exc, "")
         return []
 
 
@@ -121,9 +119,7 @@ def _step_ids(sig: Mapping[str, Any]) -> list[tuple[str, str]]:
     step = canvas.signature(sig)
     if isinstance(step, canvas.chord):
         return _step_ids(step.body)
-    if isinstance(step, canvas.group):
-        return [pair for member in step.tasks for pair in _step_ids(member)]
-    if isinstance(step, canvas.chain):
+    if isinstance(step, canvas.group | canvas.chain):
         return [pair for member in step.tasks for pair in _step_ids(member)]
     return [(step.id, step.name)] if step.id else []
 
@@ -138,9 +134,15 @@ def _stop_chain(msg: TaskMessage, cause: BaseException, traceback: str) -> None:
             task = registry.find(name)
             if task is not None and execute.mode_for(task) == "none":
                 continue
-            _store_failure(TaskMessage(id=task_id, name=name, args=[], kwargs={},
-                                       root_id=msg.root_id or msg.id, parent_id=msg.id),
-                           cause, note + traceback)
+            _not_run(task_id, name, msg, cause, note + traceback)
+
+
+def _not_run(task_id: str, name: str, after: TaskMessage, exc: BaseException,
+             traceback: str) -> None:
+    """Store ``exc`` against a task that will not run because of how ``after`` ended."""
+    _store_failure(TaskMessage(id=task_id, name=name, args=[], kwargs={},
+                               root_id=after.root_id or after.id, parent_id=after.id),
+                   exc, traceback)
 
 
 def _store_failure(msg: TaskMessage, exc: BaseException, traceback: str) -> None:
@@ -155,9 +157,12 @@ def record(group_id: str, task_ids: list[str], canvas: dict[str, Any],
     count themselves against it; the admin sends a group again from it)."""
     from .models import TaskGroup
 
-    TaskGroup.objects.update_or_create(group_id=group_id, defaults={
-        "size": len(task_ids), "task_ids": task_ids, "canvas": canvas,
-        "body_id": (body or {}).get("options", {}).get("task_id") or "", "body": body})
+    # One statement; a task run again re-records the group its chain step sends.
+    fields = {"size": len(task_ids), "task_ids": task_ids, "canvas": canvas, "body": body,
+              "body_id": (body or {}).get("options", {}).get("task_id") or ""}
+    TaskGroup.objects.bulk_create([TaskGroup(group_id=group_id, **fields)],
+                                  update_conflicts=True, unique_fields=["group_id"],
+                                  update_fields=list(fields))
 
 
 def part_done(msg: TaskMessage, outcome: execute.Outcome) -> list[Outgoing]:
@@ -199,10 +204,11 @@ def part_done(msg: TaskMessage, outcome: execute.Outcome) -> list[Outgoing]:
     return out
 
 
-def _fire(row: Any, msg: TaskMessage, outcome: execute.Outcome) -> list[Outgoing]:
+def _fire(row: TaskGroup, msg: TaskMessage, outcome: execute.Outcome) -> list[Outgoing]:
     from . import canvas
-    from .models import TaskResult
+    from .models import TaskGroup, TaskResult
 
+    assert row.body is not None  # only a chord's members end up here
     body = canvas.signature(row.body)
     lineage = {"parent_id": msg.id, "root_id": msg.root_id or msg.id}
     failure: BaseException | None = None
@@ -211,7 +217,7 @@ def _fire(row: Any, msg: TaskMessage, outcome: execute.Outcome) -> list[Outgoing
         failure = ChordError(f"Dependency {msg.name}[{msg.id}] ended with "
                              f"{type(cause).__name__}: {cause}")
     elif row.results is None:
-        ids = list(row.__class__.objects.values_list("task_ids", flat=True).get(pk=row.pk))
+        ids = list(TaskGroup.objects.values_list("task_ids", flat=True).get(pk=row.pk))
         stored = dict(TaskResult.objects.filter(task_id__in=ids, status=TaskState.SUCCESS)
                       .values_list("task_id", "result"))
         missing = [task_id for task_id in ids if task_id not in stored]

@@ -5,52 +5,29 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
-from django.shortcuts import redirect
-from django.template import engines
-from django.template.backends.django import DjangoTemplates
-from django.template.backends.django import Template as DjangoTemplate
-from django.template.response import TemplateResponse
-from django.urls import URLPattern, path, reverse
+from django.http import HttpRequest
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
+from .. import canvas
 from ..exceptions import EnqueueError, TasksQError
 from ..models import READY_STATES, TaskGroup, TaskResult, TaskState
 from .paging import BoundedChangeList, BoundedPaginator
 from .results import pretty, results_url
+from .retrying import RetryingAdmin
 
 #: Options a retry leaves out of every signature it sends again: where the first sending
 #: placed it (its ids, its group, chord and chain) and when that sending was to run (an eta or
 #: expiry long past would stop the retry from running at all).
-STALE_OPTIONS = ("task_id", "group_id", "group_index", "chord", "chain", "root_id",
-                 "parent_id", "eta", "countdown", "expires")
+STALE_OPTIONS = ("task_id", *canvas.PLACED, "eta", "countdown", "expires")
 #: Built-in tasks whose ``task`` argument is a signature (``map``, ``starmap``, ``chunks``).
-_TAKES_A_SIGNATURE = frozenset({"celery.map", "celery.starmap", "celery.chunks"})
-
-# The detail page: the stored-result page's look (its monospace blocks and button), with a
-# Retry button that sends the group or chord again.
-_CHANGE_FORM = """{% extends "admin/django_tasks_q/taskresult/change_form.html" %}
-{% block object-tools-items %}
-  {% if can_retry_group %}
-  <li>
-    <form method="post" action="{{ retry_group_url }}">{% csrf_token %}
-      <button type="submit" class="dtq-retry" id="dtq-retry"
-              title="Send this {{ group_kind }} again, with new ids">Retry</button>
-    </form>
-  </li>
-  {% endif %}
-  {{ block.super }}
-{% endblock %}
-"""
-
+_TAKES_A_SIGNATURE = frozenset(canvas.BUILTINS)
 
 def fresh(sig: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a stored signature (a group, chord, chain or task) to send anew: every
@@ -99,11 +76,10 @@ def _nested(sig: Mapping[str, Any]) -> list[dict[str, Any]]:
 def resend(row: TaskGroup) -> str:
     """Send ``row``'s group or chord again from its stored canvas, with new ids; returns the
     new group id (a chord's: its header's)."""
-    from ..canvas import chord, group, signature
     from ..results import GroupResult
 
-    again = signature(fresh(row.canvas))
-    if not isinstance(again, group | chord):
+    again = canvas.signature(fresh(row.canvas))
+    if not isinstance(again, canvas.group | canvas.chord):
         raise TypeError(f"its stored canvas is a {again.get('subtask_type') or 'task'}, "
                         f"not a group or chord")
     handle = again.apply_async()
@@ -157,12 +133,6 @@ def progress(rows: Iterable[TaskGroup]) -> dict[str, Progress]:
     return mapped
 
 
-def _change_form() -> DjangoTemplate:
-    # Built when a page is shown, not at import: the template engines come from settings.
-    engine = next(e for e in engines.all() if isinstance(e, DjangoTemplates))
-    return engine.from_string(_CHANGE_FORM)
-
-
 class GroupChangeList(BoundedChangeList):
     """The list loads no canvases or results, and counts the members of the page's groups in
     one query."""
@@ -195,15 +165,8 @@ class KindFilter(admin.SimpleListFilter):
         return queryset
 
 
-if TYPE_CHECKING:
-    TaskGroupAdminBase = admin.ModelAdmin[TaskGroup]
-else:
-    # Django's admin classes take no type arguments at run time.
-    TaskGroupAdminBase = admin.ModelAdmin
-
-
 @admin.register(TaskGroup)
-class TaskGroupAdmin(TaskGroupAdminBase):
+class TaskGroupAdmin(RetryingAdmin[TaskGroup]):
     """Groups and chords as sent: how far their members got, a chord's body; read-only, with
     retry (the whole group or chord, with new ids) and delete."""
 
@@ -241,19 +204,6 @@ class TaskGroupAdmin(TaskGroupAdminBase):
         sets += [("As sent", {"fields": ("canvas_json",)}),
                  ("Dates", {"fields": ("date_created", "date_done")})]
         return sets
-
-    # -- read-only, retry by permission --------------------------------------------------------
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False  # written when sent and by the workers; the admin reads, retries, deletes
-
-    def has_retry_permission(self, request: HttpRequest) -> bool:
-        """May send groups and chords again (``retry_taskgroup``)."""
-        opts = self.opts
-        return self.has_view_permission(request) and request.user.has_perm(
-            f"{opts.app_label}.retry_{opts.model_name}")
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[TaskGroup],
                            search_term: str) -> tuple[QuerySet[TaskGroup], bool]:
@@ -311,51 +261,8 @@ class TaskGroupAdmin(TaskGroupAdminBase):
     def canvas_json(self, row: TaskGroup) -> SafeString:
         return pretty(row.canvas)
 
-    # -- views ----------------------------------------------------------------------------------
-    def get_urls(self) -> list[URLPattern]:
-        retry_url = path("<path:object_id>/retry/", self.admin_site.admin_view(self.retry_view),
-                         name="django_tasks_q_taskgroup_retry")
-        return [retry_url, *super().get_urls()]
-
-    def changelist_view(self, request: HttpRequest,
-                        extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        # An action the user may not run is refused outright, not just left out of the menu.
-        chosen = set(request.POST.getlist("action")) if request.method == "POST" else set()
-        if ("retry" in chosen and not self.has_retry_permission(request)) or (
-                "delete_selected" in chosen and not self.has_delete_permission(request)):
-            raise PermissionDenied
-        return super().changelist_view(request, extra_context)
-
-    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
-                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        context = {**(extra_context or {}), "can_retry_group": self.has_retry_permission(request),
-                   "retry_group_url": reverse("admin:django_tasks_q_taskgroup_retry",
-                                              args=[object_id],
-                                              current_app=self.admin_site.name)}
-        return super().change_view(request, object_id, form_url, context)
-
-    def render_change_form(self, request: HttpRequest, context: dict[str, Any],
-                           add: bool = False, change: bool = False, form_url: str = "",
-                           obj: TaskGroup | None = None) -> HttpResponse:
-        if obj is not None:
-            context = {**context, "group_kind": kind_of(obj)}
-        response = super().render_change_form(request, context, add, change, form_url, obj)
-        if isinstance(response, TemplateResponse):
-            response.template_name = _change_form()
-        return response
-
-    def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        """The detail page's Retry button (POST only): send this group or chord again."""
-        if request.method != "POST":
-            return HttpResponseNotAllowed(["POST"])
-        if not self.has_retry_permission(request):
-            raise PermissionDenied
-        row = self.get_object(request, unquote(object_id))
-        if row is None:
-            raise Http404(f"No task group with id {object_id!r}.")
-        self._retry(request, [row])
-        return redirect(reverse("admin:django_tasks_q_taskgroup_change", args=[row.pk],
-                                current_app=self.admin_site.name))
+    def retry_title(self, obj: TaskGroup) -> str:
+        return f"Send this {kind_of(obj)} again, with new ids"
 
     # -- actions ------------------------------------------------------------------------------
     @admin.action(description="Retry the selected groups and chords (send them again, with "

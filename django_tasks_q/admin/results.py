@@ -6,16 +6,13 @@ import json
 import re
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin, messages
-from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
-from django.shortcuts import redirect
-from django.urls import URLPattern, path, reverse
+from django.http import HttpRequest
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -24,6 +21,7 @@ from .. import conf, registry
 from ..exceptions import EnqueueError, TaskNotRegistered, TasksQError
 from ..models import TaskResult, TaskState
 from .paging import BoundedChangeList, BoundedPaginator
+from .retrying import RetryingAdmin
 
 #: Rows the task and queue filters look at for names beyond the registered ones (newest first).
 RECENT_ROWS = 1000
@@ -170,15 +168,8 @@ class ResultChangeList(BoundedChangeList):
     deferred = ("args", "kwargs", "result", "traceback")
 
 
-if TYPE_CHECKING:
-    TaskResultAdminBase = admin.ModelAdmin[TaskResult]
-else:
-    # Django's admin classes take no type arguments at run time.
-    TaskResultAdminBase = admin.ModelAdmin
-
-
 @admin.register(TaskResult)
-class TaskResultAdmin(TaskResultAdminBase):
+class TaskResultAdmin(RetryingAdmin[TaskResult]):
     """Stored outcomes: failures with their tracebacks, successes when kept; read-only, with
     retry and delete."""
 
@@ -215,20 +206,6 @@ class TaskResultAdmin(TaskResultAdminBase):
             ("Workflow", {"fields": ("root_link", "parent_link", "group_link")}),
         ]
 
-    # -- read-only, retry by permission --------------------------------------------------------
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False  # the worker writes these rows; the admin only reads, retries, deletes
-
-    def has_retry_permission(self, request: HttpRequest) -> bool:
-        """May send tasks again from their stored results (``retry_taskresult``)."""
-        opts = self.opts
-        return self.has_view_permission(request) and request.user.has_perm(
-            f"{opts.app_label}.retry_{opts.model_name}")
-
-    # -- search --------------------------------------------------------------------------------
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[TaskResult],
                            search_term: str) -> tuple[QuerySet[TaskResult], bool]:
         term = search_term.strip()
@@ -306,38 +283,8 @@ class TaskResultAdmin(TaskResultAdminBase):
                            groups, urlencode({"q": row.group_id}), row.group_id,
                            results_url(group_id=row.group_id))
 
-    # -- views ----------------------------------------------------------------------------------
-    def get_urls(self) -> list[URLPattern]:
-        retry_url = path("<path:object_id>/retry/", self.admin_site.admin_view(self.retry_view),
-                         name="django_tasks_q_taskresult_retry")
-        return [retry_url, *super().get_urls()]
-
-    def changelist_view(self, request: HttpRequest,
-                        extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        # An action the user may not run is refused outright, not just left out of the menu.
-        chosen = set(request.POST.getlist("action")) if request.method == "POST" else set()
-        if ("retry" in chosen and not self.has_retry_permission(request)) or (
-                "delete_selected" in chosen and not self.has_delete_permission(request)):
-            raise PermissionDenied
-        return super().changelist_view(request, extra_context)
-
-    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
-                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        context = {**(extra_context or {}), "can_retry": self.has_retry_permission(request)}
-        return super().change_view(request, object_id, form_url, context)
-
-    def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        """The detail page's Retry button (POST only): send this row's task again."""
-        if request.method != "POST":
-            return HttpResponseNotAllowed(["POST"])
-        if not self.has_retry_permission(request):
-            raise PermissionDenied
-        row = self.get_object(request, unquote(object_id))
-        if row is None:
-            raise Http404(f"No task result with id {object_id!r}.")
-        self._retry(request, [row])
-        return redirect(reverse("admin:django_tasks_q_taskresult_change", args=[row.pk],
-                                current_app=self.admin_site.name))
+    def retry_title(self, obj: TaskResult) -> str:
+        return "Send this task again with the same arguments, queue and priority"
 
     # -- actions ------------------------------------------------------------------------------
     @admin.action(description="Retry the selected tasks (send them again)",
