@@ -388,7 +388,8 @@ class chord(Signature):  # noqa: N801 - Celery's name
 
     def freeze(self) -> AsyncResult | GroupResult:
         header = self.header
-        header.options.setdefault("task_id", self.options.get("group_id") or message.new_id())
+        # Its own id: a chord inside a group has that group's id as ``group_id``.
+        header.options.setdefault("task_id", message.new_id())
         heads = header.freeze()
         body = self.body
         handle = body.freeze()

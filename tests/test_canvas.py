@@ -344,3 +344,11 @@ def test_a_workflows_own_options_reach_its_tasks() -> None:
     assert [h["task"] for h, _, _ in low] == ["tests.tasks.add"] * 2
     assert low[0][0]["eta"] is None and low[1][0]["eta"] is not None
     assert drain() == []
+
+
+def test_a_chord_inside_a_group_keeps_a_header_of_its_own() -> None:
+    handle = group(chord([tasks.add.s(1, 1)], tasks.total.s()), tasks.add.s(2, 2)).apply_async()
+    rows = {row.group_id: row for row in TaskGroup.objects.all()}
+    assert len(rows) == 2 and rows[handle.id].size == 2 and not rows[handle.id].body_id
+    [header] = [row for gid, row in rows.items() if gid != handle.id]
+    assert header.size == 1 and header.body_id == handle.results[0].id
