@@ -198,6 +198,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._producer: Producer | None = None
+        self._direct = False
         self._declared: set[str] = set()
 
     def publish(self, body: str, headers: dict[str, Any], properties: dict[str, Any],
@@ -208,6 +209,8 @@ class Publisher:
             if conn is None or self._producer is None:
                 conn = self._conn = connection(self.url, self.options)
                 self._producer = Producer(conn, auto_declare=False)
+                # Redis: one LPUSH on the channel's client, no per-publish kombu machinery.
+                self._direct = isinstance(conn.transport, redis_transport.Transport)
             try:
                 if queue_name not in self._declared:
                     # Connecting is retried like the publish below; the queue is declared on a
@@ -215,6 +218,14 @@ class Publisher:
                     conn.ensure_connection(**PUBLISH_RETRY_POLICY)
                     declare(conn, [queue_name])
                     self._declared.add(queue_name)
+                if self._direct:
+                    try:
+                        self._producer.channel.put_direct(
+                            queue_name, body, headers, dict(properties, delivery_mode=2),
+                            wire_priority(conn, priority))
+                        return
+                    except conn.connection_errors:
+                        pass  # the producer below reconnects and retries
                 # The default exchange routes by queue name with no binding lookup: one round
                 # trip less per message on Redis and django://, the same queue on AMQP.
                 self._producer.publish(
@@ -234,6 +245,7 @@ class Publisher:
             with contextlib.suppress(Exception):  # the connection is broken already
                 self._conn.release()
         self._conn = self._producer = None
+        self._direct = False
         self._declared.clear()
 
     def close(self) -> None:

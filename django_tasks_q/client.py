@@ -65,8 +65,7 @@ def encode_body(name: str, args: list[Any], kwargs: dict[str, Any],
                 embed: dict[str, Any] | None = None) -> str:
     """The JSON body ``[args, kwargs, embed]``; a clear ``TypeError`` names any bad argument."""
     try:
-        return json.dumps([args, kwargs, embed or message.EMBED], separators=(",", ":"),
-                          default=_refuse)
+        return message.to_json([args, kwargs, embed or message.EMBED])
     except (TypeError, ValueError):
         pass
     check_json(name, args, kwargs)

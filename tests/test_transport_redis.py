@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import time
 import uuid
@@ -188,3 +189,60 @@ def test_a_global_key_prefix_applies_to_every_key_the_script_touches(
         assert redis_client.zcard("pfx:unacked_index") == 1
         got[0].ack()
     assert redis_client.hlen("pfx:unacked") == 0 and waiting(redis_client, qname, "pfx:") == 0
+
+
+def _publisher_envelope(redis_client: redis.Redis, key: str) -> dict[str, Any]:
+    envelope: dict[str, Any] = loads(redis_client.rpop(key))
+    envelope["properties"].pop("delivery_tag")  # unique per message
+    return envelope
+
+
+@pytest.mark.parametrize("priority", [None, 0, 4, 9])
+def test_a_published_message_is_kombus_envelope_key_for_key(
+        redis_client: redis.Redis, qname: str, redis_url: str, priority: int | None) -> None:
+    msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.multiply", args=[2, 3],
+                              kwargs={"é": None}, queue=qname)
+    body, headers, props = message.encode(msg)
+    broker.publisher().publish(body, headers, props, qname, priority)
+    ours = redis_client.keys(f"{qname}*")
+    assert len(ours) == 1
+    with broker.connection() as conn:  # kombu's own producer, on the same transport
+        wire = broker.wire_priority(conn, priority)
+        conn.Producer().publish(body, exchange="", routing_key=qname, headers=headers,
+                                content_type="application/json", content_encoding="utf-8",
+                                priority=wire, delivery_mode=2, **props)
+    assert redis_client.keys(f"{qname}*") == ours  # the same priority list
+    key = ours[0].decode()
+    first, second = (_publisher_envelope(redis_client, key) for _ in range(2))
+    assert first == second
+    # And it reads back as the message that was sent.
+    decoded = message.decode(first["headers"], loads(base64.b64decode(first["body"])))
+    assert (decoded.id, decoded.args, decoded.kwargs) == (msg.id, [2, 3], {"é": None})
+
+
+def test_a_publish_after_the_server_dropped_the_connection_lands_once(
+        redis_client: redis.Redis, qname: str) -> None:
+    publish(qname, 1)
+    killed = redis_client.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    publish(qname, 2)
+    assert waiting(redis_client, qname) == 3
+
+
+def test_an_error_reply_reaches_the_caller_and_the_next_publish_works(
+        redis_client: redis.Redis, qname: str) -> None:
+    redis_client.set(qname, "not a list")
+    with pytest.raises(broker.EnqueueError, match="WRONGTYPE"):
+        publish(qname, 1)
+    redis_client.delete(qname)
+    publish(qname, 1)
+    assert waiting(redis_client, qname) == 1
+
+
+def test_a_slow_reply_is_waited_for(redis_client: redis.Redis, qname: str) -> None:
+    publish(qname, 1)  # connected
+    redis_client.client_pause(300)  # every other client's commands wait 0.3 s
+    started = time.monotonic()
+    publish(qname, 1)
+    assert time.monotonic() - started >= 0.25
+    assert waiting(redis_client, qname) == 2

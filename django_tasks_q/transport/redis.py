@@ -10,10 +10,18 @@ kombu's own unacked layout (so kombu's and Celery's restore, acknowledge and rej
 unchanged). Several are taken per round trip, up to the free prefetch. Only when every queue is
 empty does the channel block in ``BRPOP`` to wait for the next message; one that arrives then is
 recorded as kombu records it, a round trip later.
+
+Publishing writes kombu's message envelope, key for key, in one ``LPUSH`` on a connection the
+channel holds for it (kombu builds two clients per publish and goes through its producer's
+serializer, compression and retry machinery each time). The publish returns once Redis has
+replied, so a message is in Redis when ``.delay()`` returns.
 """
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -22,12 +30,18 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
+from ..message import CONTENT_ENCODING, CONTENT_TYPE, new_id, to_json
 from .base import RedisChannel, RedisQoS
 
 #: The most messages one round trip takes (the free prefetch bounds it too).
 POP_LIMIT = 100
+#: How long a publish polls for Redis's reply before it blocks on the socket instead.
+SPIN_SECONDS = 0.0005
+#: An LPUSH's reply is ``:<length>\r\n`` or ``-<error>\r\n``.
+REPLY_BUFFER = 512
 
 # KEYS: the unacked index, the unacked table, then the queue keys in the order they are served.
 # ARGV: the delivery time, the most messages to take.
@@ -63,6 +77,41 @@ return taken
 """
 
 
+def lpush(conn: Any, key: bytes, value: bytes) -> None:
+    """``LPUSH key value`` on redis-py connection ``conn``; return once Redis has replied.
+
+    The reply is polled for, without blocking, for up to ``SPIN_SECONDS``: on loopback it comes
+    within tens of microseconds, and a blocking read spends as long again being woken. TLS
+    sockets, and replies slower than that, are read the blocking way."""
+    sock = conn._sock
+    if isinstance(sock, ssl.SSLSocket):
+        conn.send_packed_command(conn.pack_command("LPUSH", key, value), check_health=False)
+        conn.read_response()
+        return
+    sock.sendall(b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                 % (len(key), key, len(value), value))
+    timeout = sock.gettimeout()
+    reply = b""
+    deadline = monotonic() + SPIN_SECONDS
+    sock.settimeout(0.0)
+    try:
+        while not reply.endswith(b"\r\n"):
+            try:
+                chunk = sock.recv(REPLY_BUFFER)
+            except BlockingIOError:
+                if monotonic() < deadline:
+                    continue
+                sock.settimeout(timeout)
+                chunk = sock.recv(REPLY_BUFFER)
+            if not chunk:
+                raise RedisConnectionError("Connection closed by the server")
+            reply += chunk
+    finally:
+        sock.settimeout(timeout)
+    if reply.startswith(b"-"):
+        raise ResponseError(reply[1:-2].decode(errors="replace"))
+
+
 class QoS(RedisQoS):
     """kombu's, except that a message the pop script recorded is not written again."""
 
@@ -88,7 +137,61 @@ class Channel(RedisChannel):
         self._popping: list[str] = []  # the queue of each key of the script in flight
         self._blocking = False  # the command in flight is a BRPOP, not the script
         self._wait_next = False  # the last script found every queue empty
+        self._sync_client: Any = None  # built once, on first use (see conn_or_acquire)
+        self._publish_conn: Any = None  # put_direct's own connection
         super().__init__(*args, **kwargs)
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu builds a new client for every publish, size and acknowledgement (each one
+        rebuilds redis-py's table of reply parsers); one client on the channel's pool serves
+        them all here. It is thread-safe: every command takes a pooled connection."""
+        if client is not None:
+            yield client
+            return
+        if self._sync_client is None:
+            self._sync_client = self._create_client()
+        yield self._sync_client
+
+    def put_direct(self, queue: str, body: str, headers: dict[str, Any],
+                   properties: dict[str, Any], priority: int | None) -> None:
+        """Publish a JSON ``body`` to ``queue`` through the default exchange: the message kombu's
+        ``Producer.publish`` writes, in one ``LPUSH`` on a connection held for publishing.
+
+        The reply is awaited before returning (the message is in Redis when this returns), by
+        polling the socket for up to ``SPIN_SECONDS`` first: on loopback the reply comes within
+        tens of microseconds, and a blocking read would spend as long again being woken.
+        Connection errors reach the caller; the connection is dropped and made again next time.
+        """
+        encoded, encoding = self.encode_body(body, self.body_encoding)
+        pri = self.default_priority if priority is None else priority
+        # kombu's envelope, key for key (prepare_message, then _inplace_augment_message).
+        message = {
+            "body": encoded, "content-encoding": CONTENT_ENCODING, "content-type": CONTENT_TYPE,
+            "headers": headers,
+            "properties": {**properties, "delivery_info": {"exchange": "", "routing_key": queue},
+                           "priority": pri, "body_encoding": encoding,
+                           "delivery_tag": new_id()},
+        }
+        key = (self.global_keyprefix or "") + self._q_for_pri(
+            queue, self._get_message_priority(message))
+        conn = self._publish_conn
+        if conn is None:
+            conn = self._publish_conn = self.pool.make_connection()
+            conn.connect()
+        try:
+            lpush(conn, key.encode(), to_json(message).encode())
+        except BaseException:
+            self._publish_conn = None
+            conn.disconnect()
+            raise
+
+    def _disconnect_pools(self) -> None:
+        self._sync_client = None  # its pool is being closed
+        if self._publish_conn is not None:
+            self._publish_conn.disconnect()
+            self._publish_conn = None
+        super()._disconnect_pools()
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if self._wait_next:
