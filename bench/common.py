@@ -1,6 +1,6 @@
-"""Benchmark plumbing shared by the driver, both workers and the bench Django project.
+"""Benchmark plumbing shared by the driver, every system's worker and the bench Django project.
 
-URLs of the services (loopback only), queue names, and the one task body both systems run:
+URLs of the services (loopback only), queue names, and the one task body every system runs:
 an INCR on the counter Redis (db 15), plus an RPUSH of (start - enqueue time) for latency runs.
 The body is the same as ``common.body`` of the peer harness, so figures compare with it.
 """
@@ -23,9 +23,11 @@ COUNT_KEY = "bench:count"
 LAT_KEY = "bench:lat"
 
 # Own queue names, so that resetting state between repetitions cannot touch anyone else's queues
-# on the shared RabbitMQ. Otherwise both systems keep their defaults.
+# on the shared RabbitMQ. Otherwise every system keeps its defaults.
 DTQ_QUEUE = "bench-dtq"
 CELERY_QUEUE = "bench-celery"
+DRAMATIQ_QUEUE = "bench-dramatiq"
+HUEY_NAME = "bench-huey"
 
 # Chosen by the driver for each command: the broker under test and the Django database.
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", REDIS_BROKER_URL)
