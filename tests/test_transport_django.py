@@ -129,6 +129,21 @@ def test_ack_many_deletes_every_row_in_one_go(connect: Connect, qname: str) -> N
     assert not QueueMessage.objects.exists()
 
 
+def test_acks_taken_later_keep_their_rows_until_flushed(connect: Connect, qname: str) -> None:
+    queue = connect().SimpleQueue(qname)
+    for n in range(2):
+        queue.put(n)
+    got = [queue.get(timeout=2) for _ in range(2)]
+    qos = got[0].channel.qos
+    for m in got:
+        qos.ack_later(m.delivery_tag)
+    assert QueueMessage.objects.count() == 2  # a worker dying now has them delivered again
+    qos._flush()
+    assert not qos._delivered.keys() & {m.delivery_tag for m in got}  # slots free already
+    assert sorted(qos.flush_acks()) == sorted(m.delivery_tag for m in got)
+    assert not QueueMessage.objects.exists()
+
+
 def test_reject_with_requeue_redelivers_at_once(connect: Connect, qname: str) -> None:
     queue = connect().SimpleQueue(qname)
     queue.put("again")

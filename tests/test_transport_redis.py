@@ -246,3 +246,27 @@ def test_a_slow_reply_is_waited_for(redis_client: redis.Redis, qname: str) -> No
     publish(qname, 1)
     assert time.monotonic() - started >= 0.25
     assert waiting(redis_client, qname) == 2
+
+
+def test_acks_taken_later_free_the_slot_at_once_and_reach_redis_together(
+        redis_client: redis.Redis, qname: str) -> None:
+    publish(qname, 3)
+    with broker.connection() as conn:
+        got = consume(conn, qname, prefetch=2)
+        drain_once(conn)
+        assert len(got) == 2 and len(unacked(redis_client)) == 2
+        qos = got[0].channel.qos
+        for m in got:
+            qos.ack_later(m.delivery_tag)
+        # Still unacknowledged in Redis (a worker dying now has them delivered again) ...
+        assert len(unacked(redis_client)) == 2
+        # ... but the prefetch slots are free: the third message arrives.
+        got.clear()
+        drain_once(conn)
+        assert len(got) == 1 and len(unacked(redis_client)) == 3
+        assert len(qos.flush_acks()) == 2
+        assert len(unacked(redis_client)) == 1
+        assert redis_client.zcard("unacked_index") == 1
+        assert qos.flush_acks() == []
+        got[0].ack()
+    assert unacked(redis_client) == {}

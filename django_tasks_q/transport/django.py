@@ -31,6 +31,7 @@ from django.utils import timezone
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.utils.json import loads
 
+from .acks import BatchedAcks
 from .base import VirtualQoS, VirtualTransport
 from .bindings import EXPIRES_AT, RoutingChannel, State
 
@@ -101,8 +102,9 @@ def _prefer_wal(db: BaseDatabaseWrapper) -> None:
         _wal_databases.add(name)
 
 
-class QoS(VirtualQoS):
-    """Unacked-message bookkeeping whose acks and rejects reach the database."""
+class QoS(BatchedAcks, VirtualQoS):
+    """Unacked-message bookkeeping whose acks and rejects reach the database (acks one by one,
+    or together: ``BatchedAcks``)."""
 
     channel: Channel
 
@@ -111,11 +113,9 @@ class QoS(VirtualQoS):
         self.channel._settle([delivery_tag], requeue=False)
         super().ack(delivery_tag)
 
-    def ack_many(self, delivery_tags: list[str]) -> None:
+    def _ack_remote(self, delivery_tags: list[str]) -> None:
         """Delete the rows of many acknowledged messages in one statement."""
         self.channel._settle(delivery_tags, requeue=False)
-        for tag in delivery_tags:
-            super().ack(tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         """Make the row visible again at once (requeue) or delete it."""

@@ -34,6 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from ..message import CONTENT_ENCODING, CONTENT_TYPE, new_id, to_json
+from .acks import BatchedAcks
 from .base import RedisChannel, RedisQoS
 
 #: The most messages one round trip takes (the free prefetch bounds it too).
@@ -112,8 +113,9 @@ def lpush(conn: Any, key: bytes, value: bytes) -> None:
         raise ResponseError(reply[1:-2].decode(errors="replace"))
 
 
-class QoS(RedisQoS):
-    """kombu's, except that a message the pop script recorded is not written again."""
+class QoS(BatchedAcks, RedisQoS):
+    """kombu's, except that a message the pop script recorded is not written again, and
+    acknowledgements can be sent together (``BatchedAcks``)."""
 
     channel: Channel
 
@@ -124,6 +126,13 @@ class QoS(RedisQoS):
             virtual.QoS.append(self, message, delivery_tag)
         else:
             super().append(message, delivery_tag)
+
+    def _ack_remote(self, delivery_tags: list[str]) -> None:
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.zrem(self.unacked_index_key, *delivery_tags)
+            pipe.hdel(self.unacked_key, *delivery_tags)
+            pipe.execute()
 
 
 class Channel(RedisChannel):

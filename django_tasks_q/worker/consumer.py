@@ -41,6 +41,8 @@ RELEASE_INTERVAL = 1.0  # seconds between looks for parked messages that are due
 ACK, REQUEUE, DROP = "ack", "requeue", "drop"  # how a message is settled
 REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be stored goes back
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
+ACK_DELAY = 0.002  # seconds an acknowledgement may wait to be sent with others (_ack_soon)
+ACK_BATCH = 64  # acknowledgements sent at once without waiting for ACK_DELAY
 POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take
 WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
 WATCHDOG_STRIKES = 2  # looks in a row that find work waiting and nothing received
@@ -76,6 +78,7 @@ class Consumer:
         self._channel: Any = None  # the consuming channel, kept through a warm shutdown
         self._connected = False
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
+        self._acking: list[Job] = []  # finished, acknowledged together shortly (_ack_soon)
         self._unreachable = False
         self._received = False  # a message arrived since the watchdog last looked
         self._strikes = 0
@@ -192,6 +195,7 @@ class Consumer:
             if self.stopping:
                 self._begin_shutdown()
                 if not self.pool.active():
+                    self._flush_acks()
                     return
                 if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
                     logger.warning("Shutdown grace period is over: giving %d running task(s) "
@@ -200,6 +204,7 @@ class Consumer:
                     break
             next(loop)
         # Cold shutdown: hand back what is still running while the connection is open.
+        self._flush_acks()
         self._begin_shutdown()
         for job in self.pool.active():
             self._settle(job, REQUEUE)
@@ -287,6 +292,9 @@ class Consumer:
         # Their channel died with the connection. RabbitMQ redelivers them by itself; on Redis
         # and django:// they stay set aside until settled by tag from the next connection.
         self._connected = False
+        # Acknowledged here but not yet in the broker: settled by tag from the next connection.
+        acking, self._acking = self._acking, []
+        self._orphans.extend((job, ACK) for job in acking)
         for job in self._held():
             job.stale = True
         self._give_back_waiting()
@@ -379,6 +387,35 @@ class Consumer:
                     job.settled = True
         for job in jobs:
             self._settle(job, ACK)  # those not settled above
+
+    def _ack_soon(self, job: Job) -> None:
+        """Acknowledge ``job``: its prefetch slot is free at once; the broker is told within
+        ``ACK_DELAY`` seconds, together with the others finished meanwhile, where the transport
+        can (transport/acks.py). A worker that dies in between runs them again."""
+        qos: Any = getattr(self._channel, "qos", None)
+        if job.stale or job.settled or not hasattr(qos, "ack_later"):
+            self._settle(job, ACK)
+            return
+        job.settled = True
+        qos.ack_later(job.message.delivery_tag)
+        self._acking.append(job)
+        if len(self._acking) >= ACK_BATCH:
+            self._flush_acks()
+        elif len(self._acking) == 1:
+            self.hub.call_later(ACK_DELAY, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        jobs, self._acking = self._acking, []
+        if not jobs:
+            return
+        try:
+            self._channel.qos.flush_acks()
+        except self.connection.connection_errors + self.connection.channel_errors:
+            # Acknowledged by tag from the next connection, as other messages of a lost one.
+            for job in jobs:
+                job.stale = True
+                self._orphans.append((job, ACK))
+            raise
 
     def _release_parked(self) -> None:
         try:
@@ -526,7 +563,7 @@ class Consumer:
         elif status == LOST:
             self._on_lost(job, outcome)
         elif self._publish_follow(job, outcome.follow):
-            self._settle(job, ACK)
+            self._ack_soon(job)
             if status == TaskState.SUCCESS and logger.isEnabledFor(logging.INFO):
                 logger.info("Task %s[%s] succeeded in %.3fs: %s", msg.name, msg.id,
                             outcome.runtime, outcome.result_repr)
