@@ -143,6 +143,29 @@ def test_celery_inspect_reaches_our_worker(running: Consumer,
         app.close()
 
 
+def test_a_celery_worker_starting_beside_ours_syncs_revoked_ids(
+        running: Consumer, target: tuple[str, dict[str, Any]]) -> None:  # noqa: F811
+    url, _ = target
+    if url.startswith("django://"):
+        pytest.skip("Celery has no django:// transport")
+    from celery import Celery
+
+    running.revoke({"revoked-here"})
+    app = Celery(broker=url)
+    try:
+        # What a Celery worker's "mingle" step sends at start-up, and reads back.
+        replies = app.control.inspect(timeout=1, destination=[HOST]).hello(
+            "celery@elsewhere", {"revoked-there": time.time()})
+        assert set(replies[HOST]["revoked"]) == {"revoked-here", "revoked-there"}
+        assert all(isinstance(at, float) for at in replies[HOST]["revoked"].values())
+        assert replies[HOST]["clock"] == 0
+        assert "revoked-there" in running.revoked
+        # Its own greeting, sent back to it, is answered with nothing (as a Celery worker does).
+        assert app.control.inspect(timeout=0.5, destination=[HOST]).hello(HOST) == {HOST: None}
+    finally:
+        app.close()
+
+
 def test_queue_lengths_and_purge(qname: str) -> None:  # noqa: F811
     for _ in range(3):
         publish(qname)

@@ -147,6 +147,20 @@ def revoked(state: Control, **kwargs: Any) -> list[str]:
 
 
 @command
+def hello(state: Control, from_node: str = "", revoked: Any = None,
+          **kwargs: Any) -> dict[str, Any] | None:
+    """A Celery worker starting on the same broker asks its peers which task ids are revoked
+    (Celery's "mingle"): take its ids, and answer with ours, as Celery's workers answer."""
+    if from_node == state.consumer.hostname:
+        return None
+    if revoked:
+        logger.info("Sync with %s: %d revoked task id(s) received", from_node, len(revoked))
+        state.consumer.revoked.update(str(task_id) for task_id in revoked)
+    # Celery keeps revoked ids with the time they were revoked; no logical clock is kept here.
+    return {"revoked": dict.fromkeys(state.consumer.revoked, time.time()), "clock": 0}
+
+
+@command
 def revoke(state: Control, task_id: str | list[str], terminate: bool = False,
            signal: str | None = None, **kwargs: Any) -> dict[str, str]:
     """Run none of ``task_id`` (one id or a list); with ``terminate``, kill those running.
