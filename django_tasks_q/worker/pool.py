@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import pickle
@@ -189,6 +190,9 @@ class PreforkPool(Pool):
         self._idle_timer: Any = None
         self._grow_after = 0.0  # monotonic time growing may be tried again
         self.keepalive = conf.get().AUTOSCALE_KEEPALIVE
+        # What the worker has loaded so far is shared with the children, and stays shared if
+        # their garbage collector never writes to it: it leaves frozen objects alone.
+        gc.freeze()
         for _ in range(self.min_size):
             self._spawn()
 
