@@ -165,13 +165,8 @@ class Channel(RedisChannel):
     def put_direct(self, queue: str, body: str, headers: dict[str, Any],
                    properties: dict[str, Any], priority: int | None) -> None:
         """Publish a JSON ``body`` to ``queue`` through the default exchange: the message kombu's
-        ``Producer.publish`` writes, in one ``LPUSH`` on a connection held for publishing.
-
-        The reply is awaited before returning (the message is in Redis when this returns), by
-        polling the socket for up to ``SPIN_SECONDS`` first: on loopback the reply comes within
-        tens of microseconds, and a blocking read would spend as long again being woken.
-        Connection errors reach the caller; the connection is dropped and made again next time.
-        """
+        ``Producer.publish`` writes, in one ``LPUSH`` (see ``lpush``) on a connection held for
+        publishing. Errors reach the caller; the connection is then made again next time."""
         encoded, encoding = self.encode_body(body, self.body_encoding)
         pri = self.default_priority if priority is None else priority
         # kombu's envelope, key for key (prepare_message, then _inplace_augment_message).
