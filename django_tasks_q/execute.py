@@ -28,6 +28,7 @@ from .states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
     from .message import TaskMessage
+    from .models import TaskResult
     from .task import Task
 
 logger = logging.getLogger("django_tasks_q.execute")
@@ -84,24 +85,38 @@ def exception_info(exc: BaseException) -> dict[str, str]:
             "exc_module": cls.__module__, "exc_message": str(exc)}
 
 
-def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str = "",
-          worker: str = "", date_started: datetime | None = None) -> None:
-    """Write the outcome of ``msg`` in one statement (insert, or update the existing row)."""
+def result_row(msg: TaskMessage, status: str, *, result: Any = None, traceback: str = "",
+               worker: str = "", date_started: datetime | None = None) -> TaskResult:
+    """The ``TaskResult`` row (unsaved) that records ``status`` for ``msg``."""
     from .models import TaskResult  # models load once the app registry is ready
 
     now = timezone.now()
-    row = TaskResult(
+    return TaskResult(
         task_id=msg.id, task_name=msg.name, status=status, args=msg.args, kwargs=msg.kwargs,
         result=result, traceback=traceback, worker=worker, queue=msg.queue,
         root_id=msg.root_id or msg.id, parent_id=msg.parent_id or "", group_id=msg.group or "",
         retries=msg.retries, priority=msg.priority, date_created=now, date_started=date_started,
         date_done=now if status in READY_STATES else None,
     )
+
+
+def store_rows(rows: list[TaskResult]) -> None:
+    """Write ``rows`` in one statement (insert, or update the existing row of a task)."""
+    from .models import TaskResult
+
     TaskResult.objects.bulk_create(
-        [row], update_conflicts=True, unique_fields=["task_id"],
+        rows, update_conflicts=True, unique_fields=["task_id"],
         update_fields=["status", "result", "traceback", "worker", "queue", "retries",
                        "priority", "date_started", "date_done"],
     )
+
+
+def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str = "",
+          worker: str = "", date_started: datetime | None = None) -> None:
+    """Write the outcome of ``msg`` in one statement (insert, or update the existing row)."""
+    store_rows([result_row(msg, status, result=result, traceback=traceback, worker=worker,
+                           date_started=date_started)])
+
 
 #: The longest repr of a return value or exception an outcome carries (Celery's default).
 REPR_MAX = 1024
@@ -139,6 +154,9 @@ class Outcome:
     #: Messages to publish before this one is acknowledged: the next step of its chain, its
     #: links, a chord's body (see ``workflow.follow_ups``).
     follow: list[tuple[TaskMessage, str]] = field(default_factory=list)
+    #: A success to be stored (``results="all"``) by the worker, together with others, before
+    #: its message is acknowledged: the return value and when the run started.
+    unstored: tuple[Any, datetime] | None = None
     # Only kept in the process that ran the task, never sent between processes:
     value: Any = None
     exc: BaseException | None = None
@@ -153,8 +171,10 @@ def _fail(msg: TaskMessage, task: Task[Any, Any] | None, exc: BaseException, tb:
                    exc_repr=short_repr(exc), traceback=tb)
 
 
-def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
-    """Run ``msg`` through the gates and the task; store what the result mode asks for."""
+def run(msg: TaskMessage, hostname: str = "", eager: bool = False,
+        store_later: bool = False) -> Outcome:
+    """Run ``msg`` through the gates and the task; store what the result mode asks for (a
+    success's row is left to the caller with ``store_later``: see ``Outcome.unstored``)."""
     try:
         task = registry.get(msg.name, msg.headers)
     except TaskNotRegistered as exc:
@@ -177,7 +197,7 @@ def run(msg: TaskMessage, hostname: str = "", eager: bool = False) -> Outcome:
                              kwargs=msg.kwargs)
     outcome: Outcome | None = None
     try:
-        outcome = _invoke(task, msg, hostname, started, eager)
+        outcome = _invoke(task, msg, hostname, started, eager, store_later)
         return outcome
     finally:
         _postrun(task, msg, outcome)
@@ -262,7 +282,7 @@ def _call(task: Task[Any, Any], msg: TaskMessage, soft_limit: float | None) -> A
 
 
 def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: datetime,
-            eager: bool) -> Outcome:
+            eager: bool, store_later: bool = False) -> Outcome:
     clock = datetime.now()
     try:
         try:
@@ -297,6 +317,7 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
         logger.error("Task %s[%s] failed: %s", msg.name, msg.id, outcome.error)
         outcome.runtime = (datetime.now() - clock).total_seconds()
         return outcome
+    unstored = None
     if kept(task, msg) == "all":
         try:
             # Checked before the write: a failed write would spoil the caller's transaction.
@@ -308,11 +329,14 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
             outcome = _fail(msg, task, bad, "", hostname, started)
             _failed(task, msg, bad, "")
             return outcome
-        store(msg, TaskState.SUCCESS, result=value, worker=hostname, date_started=started)
+        if store_later:
+            unstored = (value, started)
+        else:
+            store(msg, TaskState.SUCCESS, result=value, worker=hostname, date_started=started)
     task.on_success(value, msg.id, msg.args, msg.kwargs)
     signals.task_success.send(sender=task, result=value)
     return Outcome(TaskState.SUCCESS, value=value, result_repr=short_repr(value),
-                   runtime=(datetime.now() - clock).total_seconds())
+                   runtime=(datetime.now() - clock).total_seconds(), unstored=unstored)
 
 
 def _failed(task: Task[Any, Any], msg: TaskMessage, exc: BaseException, einfo: str) -> None:

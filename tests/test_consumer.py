@@ -7,10 +7,14 @@ import pickle
 from typing import Any
 
 import pytest
+from django.db import OperationalError
+from django.db import connection as db_connection
+from django.test.utils import CaptureQueriesContext
 from kombu import Connection, Producer
 
-from django_tasks_q import AsyncResult, broker, message
+from django_tasks_q import AsyncResult, broker, execute, message
 from django_tasks_q.models import TaskResult
+from django_tasks_q.worker import consumer as consumer_module
 from django_tasks_q.worker.consumer import Consumer
 from django_tasks_q.worker.main import Worker, WorkerOptions
 from django_tasks_q.worker.pool import POOLS, Job
@@ -56,6 +60,37 @@ def test_runs_tasks_and_stores_what_is_asked(pool: str) -> None:
                                           ("tests.tasks.multiply", "SUCCESS")]
     assert r.get(timeout=1) == 12
     assert TaskResult.objects.filter(status="FAILURE", task_name="tests.tasks.boom").count() == 1
+    assert queue_size() == 0
+
+
+def test_successes_kept_under_all_are_stored_together_before_their_acks(settings: Any) -> None:
+    settings.TASKS_Q = {**settings.TASKS_Q, "RESULTS": "all"}
+    sent = [tasks.multiply.delay(n, 2) for n in range(12)]
+    with CaptureQueriesContext(db_connection) as queries:
+        assert run_until("solo", 12) == [("tests.tasks.multiply", "SUCCESS")] * 12
+    assert [r.get(timeout=1) for r in sent] == [n * 2 for n in range(12)]
+    writes = [q["sql"] for q in queries if q["sql"].startswith("INSERT")]
+    assert 1 <= len(writes) < 12  # several rows per statement
+    assert queue_size() == 0
+
+
+def test_successes_whose_rows_cannot_be_written_are_given_back_and_run_again(
+        settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings.TASKS_Q = {**settings.TASKS_Q, "RESULTS": "all"}
+    monkeypatch.setattr(consumer_module, "REQUEUE_DELAY", 0.05)
+    real, failures = execute.store_rows, []
+
+    def store_once_failing(rows: list[TaskResult]) -> None:
+        if not failures:
+            failures.append(len(rows))
+            raise OperationalError("the database went away")
+        real(rows)
+
+    monkeypatch.setattr(execute, "store_rows", store_once_failing)
+    sent = [tasks.multiply.delay(n, 3) for n in range(3)]
+    ran = run_until("solo", 3 + 3, timeout=10)  # some ran twice: given back, not lost
+    assert failures and len(ran) == 3 + failures[0]
+    assert [r.get(timeout=1) for r in sent] == [0, 3, 6]
     assert queue_size() == 0
 
 

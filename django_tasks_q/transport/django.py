@@ -113,7 +113,7 @@ class QoS(BatchedAcks, VirtualQoS):
         self.channel._settle([delivery_tag], requeue=False)
         super().ack(delivery_tag)
 
-    def _ack_remote(self, delivery_tags: list[str]) -> None:
+    def send_acks(self, delivery_tags: list[str]) -> None:
         """Delete the rows of many acknowledged messages in one statement."""
         self.channel._settle(delivery_tags, requeue=False)
 

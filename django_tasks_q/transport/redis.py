@@ -127,7 +127,7 @@ class QoS(BatchedAcks, RedisQoS):
         else:
             super().append(message, delivery_tag)
 
-    def _ack_remote(self, delivery_tags: list[str]) -> None:
+    def send_acks(self, delivery_tags: list[str]) -> None:
         with self.channel.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
             pipe.zrem(self.unacked_index_key, *delivery_tags)

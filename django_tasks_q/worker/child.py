@@ -86,8 +86,11 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
     """Run one job with fresh database connections; never raise."""
     close_old_connections()
     try:
-        outcome = execute.run(msg, hostname)
-        if workflow.in_workflow(msg):
+        # A workflow reads its members' rows as they end; other successes are stored by the
+        # worker, many in one statement (worker/consumer.py).
+        in_workflow = workflow.in_workflow(msg)
+        outcome = execute.run(msg, hostname, store_later=not in_workflow)
+        if in_workflow:
             # Worked out here, where the return value is; the parent publishes them.
             outcome.follow = workflow.follow_ups(msg, outcome)
     except Exception as exc:  # noqa: BLE001 - the outcome could not be stored
@@ -100,7 +103,8 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
         outcome = execute.Outcome(execute.REQUEUE, error=f"{type(exc).__name__}: {exc}")
     finally:
         close_old_connections()
-    # Return values and exceptions stay here: only the plain outcome (their reprs, and a
-    # failure's traceback) crosses the pipe.
+    # Return values and exceptions stay here: only the plain outcome (their reprs, a failure's
+    # traceback, and a success's JSON-ready value when the worker is to store it) crosses the
+    # pipe.
     outcome.value = outcome.exc = None
     return outcome

@@ -41,7 +41,7 @@ RELEASE_INTERVAL = 1.0  # seconds between looks for parked messages that are due
 ACK, REQUEUE, DROP = "ack", "requeue", "drop"  # how a message is settled
 REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be stored goes back
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
-ACK_DELAY = 0.002  # seconds an acknowledgement may wait to be sent with others (_ack_soon)
+ACK_DELAY = 0.010  # seconds an acknowledgement may wait to be sent with others (_ack_soon)
 ACK_BATCH = 64  # acknowledgements sent at once without waiting for ACK_DELAY
 POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take
 WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
@@ -78,7 +78,7 @@ class Consumer:
         self._channel: Any = None  # the consuming channel, kept through a warm shutdown
         self._connected = False
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
-        self._acking: list[Job] = []  # finished, acknowledged together shortly (_ack_soon)
+        self._acking: list[_Finished] = []  # acknowledged together shortly (_ack_soon)
         self._unreachable = False
         self._received = False  # a message arrived since the watchdog last looked
         self._strikes = 0
@@ -181,6 +181,7 @@ class Consumer:
         hub.call_repeatedly(self.watchdog_interval, self._watchdog)
         self._channel = self.kombu.channel
         self._connected = True
+        self._flush_acks()  # left from the connection before, if any
         self._settle_orphans()
         timeout = conn.transport_options.get("visibility_timeout")
         if conn.transport.driver_type == "redis" and timeout:
@@ -292,9 +293,10 @@ class Consumer:
         # Their channel died with the connection. RabbitMQ redelivers them by itself; on Redis
         # and django:// they stay set aside until settled by tag from the next connection.
         self._connected = False
-        # Acknowledged here but not yet in the broker: settled by tag from the next connection.
-        acking, self._acking = self._acking, []
-        self._orphans.extend((job, ACK) for job in acking)
+        # Acknowledged here, not yet in the broker: stored and then acknowledged by tag once
+        # connected again (_flush_acks).
+        for finished in self._acking:
+            finished.job.stale = True
         for job in self._held():
             job.stale = True
         self._give_back_waiting()
@@ -388,34 +390,69 @@ class Consumer:
         for job in jobs:
             self._settle(job, ACK)  # those not settled above
 
-    def _ack_soon(self, job: Job) -> None:
-        """Acknowledge ``job``: its prefetch slot is free at once; the broker is told within
-        ``ACK_DELAY`` seconds, together with the others finished meanwhile, where the transport
-        can (transport/acks.py). A worker that dies in between runs them again."""
+    def _ack_soon(self, job: Job, outcome: execute.Outcome) -> None:
+        """Acknowledge ``job``, within ``ACK_DELAY`` seconds, together with the others finished
+        meanwhile: their success rows (``results="all"``) in one statement first, then their
+        acknowledgements in one round trip where the transport can (transport/acks.py), whose
+        prefetch slot is free at once. A worker that dies in between runs them again."""
         qos: Any = getattr(self._channel, "qos", None)
-        if job.stale or job.settled or not hasattr(qos, "ack_later"):
+        later = hasattr(qos, "ack_later") and not job.stale and not job.settled
+        if outcome.unstored is None and not later:
             self._settle(job, ACK)
             return
-        job.settled = True
-        qos.ack_later(job.message.delivery_tag)
-        self._acking.append(job)
+        if later:
+            job.settled = True
+            qos.ack_later(job.message.delivery_tag)
+        self._acking.append(_Finished(job, outcome.unstored, later))
         if len(self._acking) >= ACK_BATCH:
             self._flush_acks()
         elif len(self._acking) == 1:
             self.hub.call_later(ACK_DELAY, self._flush_acks)
 
     def _flush_acks(self) -> None:
-        jobs, self._acking = self._acking, []
-        if not jobs:
+        done, self._acking = self._acking, []
+        if not done:
             return
+        rows = [execute.result_row(f.job.msg, TaskState.SUCCESS, result=f.unstored[0],
+                                   worker=self.hostname, date_started=f.unstored[1])
+                for f in done if f.unstored is not None]
+        if rows:
+            try:
+                execute.store_rows(rows)
+            except DatabaseError as exc:
+                # Every time (they run again), while the outage itself is announced once.
+                logger.warning("Could not store the results of %d finished task(s) (%s: %s); "
+                               "giving them back", len(rows), type(exc).__name__,
+                               str(exc).strip())
+                self._database_failed("Could not store task results", exc)
+                self._give_back([f for f in done if f.unstored is not None])
+                done = [f for f in done if f.unstored is None]
+            else:
+                self._database_ok()
+        # Those received on a connection now gone are acknowledged by tag from the next one.
+        self._orphans.extend((f.job, ACK) for f in done if f.later and f.job.stale)
+        tags = [f.job.message.delivery_tag for f in done if f.later and not f.job.stale]
         try:
-            self._channel.qos.flush_acks()
+            if tags:
+                self._channel.qos.send_acks(tags)
         except self.connection.connection_errors + self.connection.channel_errors:
-            # Acknowledged by tag from the next connection, as other messages of a lost one.
-            for job in jobs:
-                job.stale = True
-                self._orphans.append((job, ACK))
+            self._orphans.extend((f.job, ACK) for f in done if f.later and not f.job.stale)
             raise
+        finally:
+            for f in done:
+                if not f.later:
+                    self._settle(f.job, ACK)
+
+    def _give_back(self, done: list[_Finished]) -> None:
+        """Give finished jobs whose results could not be stored back to the broker, a little
+        later (the database may be down): they run again."""
+        for f in done:
+            if f.later:  # acknowledged here already: given back by tag
+                self._orphans.append((f.job, REQUEUE))
+            else:
+                self._requeue_later(f.job)
+        if any(f.later for f in done):
+            self.hub.call_later(REQUEUE_DELAY, self._settle_orphans)
 
     def _release_parked(self) -> None:
         try:
@@ -563,7 +600,7 @@ class Consumer:
         elif status == LOST:
             self._on_lost(job, outcome)
         elif self._publish_follow(job, outcome.follow):
-            self._ack_soon(job)
+            self._ack_soon(job, outcome)
             if status == TaskState.SUCCESS and logger.isEnabledFor(logging.INFO):
                 logger.info("Task %s[%s] succeeded in %.3fs: %s", msg.name, msg.id,
                             outcome.runtime, outcome.result_repr)
@@ -685,6 +722,15 @@ class Consumer:
             raise
         except Exception:  # noqa: BLE001 - e.g. already acknowledged
             logger.exception("Could not settle message %s", _label(job))
+
+
+@dataclasses.dataclass(eq=False)
+class _Finished:
+    """A job that ended well, waiting to be acknowledged with others (``_ack_soon``)."""
+
+    job: Job
+    unstored: tuple[Any, datetime] | None  # its success row, to write first
+    later: bool  # acknowledged here already: the broker is told by tag
 
 
 def _label(job: Job) -> str:
