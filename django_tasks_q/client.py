@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,10 @@ capture: Capture | None = None
 
 class UnknownQueue(TasksQError, ValueError):
     """A task was sent to a queue that ``TASKS_Q["QUEUES"]`` does not list."""
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(value)
 
 
 def _why_not_json(value: Any) -> str | None:
@@ -77,7 +82,7 @@ def check_json(name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, A
         if reason:
             raise TypeError(f"Cannot send task {name}: {label} is {reason}.")
     try:
-        message.to_json([args, kwargs])
+        json.dumps([args, kwargs], default=_refuse)
     except (TypeError, ValueError):
         raise TypeError(f"Cannot send task {name}: its arguments cannot be encoded as JSON."
                         ) from None

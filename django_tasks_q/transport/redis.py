@@ -177,7 +177,8 @@ class Channel(RedisChannel):
                            "priority": pri, "body_encoding": encoding,
                            "delivery_tag": new_id()},
         }
-        key = (self.global_keyprefix or "") + self._q_for_pri(queue, pri)
+        key = (self.global_keyprefix or "") + self._q_for_pri(
+            queue, self._get_message_priority(message))
         conn = self._publish_conn
         if conn is None:
             conn = self._publish_conn = self.pool.make_connection()

@@ -79,6 +79,7 @@ class Consumer:
         self._connected = False
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
         self._acking: list[_Finished] = []  # acknowledged together shortly (_ack_soon)
+        self._acking_held = 0  # of those, how many still hold their prefetch slot
         self._unreachable = False
         self._received = False  # a message arrived since the watchdog last looked
         self._strikes = 0
@@ -404,15 +405,17 @@ class Consumer:
             job.settled = True
             qos.ack_later(job.message.delivery_tag)
         self._acking.append(_Finished(job, outcome.unstored, later))
-        # Those not acknowledged here yet hold their prefetch slots: sent before they fill half
-        # the window.
-        if len(self._acking) >= (ACK_BATCH if later else max(1, self.prefetch // 2)):
+        if not later:
+            self._acking_held += 1
+        # Those not acknowledged here yet hold their prefetch slots: flush before the window
+        # fills with them.
+        if len(self._acking) >= ACK_BATCH or self._acking_held * 2 >= self.prefetch:
             self._flush_acks()
         elif len(self._acking) == 1:
             self.hub.call_later(ACK_DELAY, self._flush_acks)
 
     def _flush_acks(self) -> None:
-        done, self._acking = self._acking, []
+        done, self._acking, self._acking_held = self._acking, [], 0
         if not done:
             return
         rows = [execute.result_row(f.job.msg, TaskState.SUCCESS, result=f.unstored[0],
