@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -29,10 +28,6 @@ capture: Capture | None = None
 
 class UnknownQueue(TasksQError, ValueError):
     """A task was sent to a queue that ``TASKS_Q["QUEUES"]`` does not list."""
-
-
-def _refuse(value: Any) -> Any:
-    raise TypeError(value)
 
 
 def _why_not_json(value: Any) -> str | None:
@@ -82,7 +77,7 @@ def check_json(name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, A
         if reason:
             raise TypeError(f"Cannot send task {name}: {label} is {reason}.")
     try:
-        json.dumps([args, kwargs], default=_refuse)
+        message.to_json([args, kwargs])
     except (TypeError, ValueError):
         raise TypeError(f"Cannot send task {name}: its arguments cannot be encoded as JSON."
                         ) from None

@@ -335,6 +335,11 @@ class Project:
         """Messages the broker holds for ``queue``."""
         return self.producer.call("count", queue=queue or self.queue)
 
+    def assert_empty(self) -> None:
+        """The queue holds nothing: every message was run and acknowledged exactly once."""
+        left = self.count()
+        assert left == 0, f"{left} message(s) left in {self.queue}:\n{self.logs()}"
+
     def create_order(self, email: str) -> int:
         """A new ``Order`` row; returns its pk."""
         return self.producer.call("create_order", email=email)

@@ -31,7 +31,7 @@ def test_a_task_longer_than_the_visibility_timeout_runs_once(project: Project) -
 
     starts = sum(w.count(started) for w in workers)
     assert starts == 1, "the held message was given to the other worker:\n" + project.logs()
-    assert project.count() == 0
+    project.assert_empty()
 
 
 def test_a_dead_workers_task_comes_back_within_seconds(project: Project) -> None:
@@ -47,4 +47,4 @@ def test_a_dead_workers_task_comes_back_within_seconds(project: Project) -> None
     rescuer.wait_log(r"e2e-mail: sending to slow-2@", timeout=10)
     rescuer.wait_log(rf"send_receipt\[{slow_id}\] succeeded", timeout=10)
     assert project.order(slow)["receipt_sent_at"] is not None
-    assert project.count() == 0
+    project.assert_empty()

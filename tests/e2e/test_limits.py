@@ -32,7 +32,7 @@ def test_hard_time_limit_kills_the_child_and_the_worker_goes_on(project: Project
     assert rows[after]["result"] == 42  # run by the replacement child
     assert worker.count(r"ran past its hard time limit \(1s\): killing pool child") == 1
     assert project.order(slow)["receipt_sent_at"] is None
-    assert project.count() == 0  # acknowledged, not delivered again
+    project.assert_empty()  # acknowledged, not delivered again
 
 
 def test_soft_time_limit_raises_inside_the_task(project: Project) -> None:
@@ -65,7 +65,7 @@ def test_a_task_that_kills_its_process_is_given_up_after_max_deliveries(
     assert worker.count(r"e2e-mail: crashing on crash@") == 3
     assert worker.count(r"Pool child \d+ died \(signal SIGKILL\)") == 3
     assert rows[after]["result"] == 3  # the worker carried on with new children
-    assert project.count() == 0
+    project.assert_empty()
 
 
 def test_warm_shutdown_gives_running_tasks_back_after_the_grace_period(
@@ -103,7 +103,7 @@ def test_revoke_with_terminate_stops_a_running_task(project: Project) -> None:
     [row] = project.results([slow_id])
     assert row["status"] == "REVOKED" and row["result"]["terminate"] is True
     assert worker.count(r"e2e-mail: sent to slow-8@") == 0
-    assert project.count() == 0  # acknowledged: not run again
+    project.assert_empty()  # acknowledged: not run again
 
 
 def test_max_memory_per_child_replaces_the_child_after_its_task(project: Project) -> None:

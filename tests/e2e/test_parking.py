@@ -44,7 +44,7 @@ def test_parked_tasks_do_not_grow_the_workers_memory(project: Project) -> None:
 
     after = rss_mib(worker.proc.pid)
     assert after - before < 40, f"worker grew from {before:.0f} to {after:.0f} MiB"
-    assert project.count() == 0
+    project.assert_empty()
 
 
 @pytest.mark.parametrize("project", ["redis", "amqp", "django-sqlite"], indirect=True)
@@ -54,7 +54,7 @@ def test_a_parked_task_runs_once_when_due_even_across_a_restart(project: Project
                                     queue=project.queue)
     wait_for(lambda: project.producer.call("parked_count") == 1, 10, "the task to be parked",
              project.logs)
-    assert project.count() == 0
+    project.assert_empty()
     worker.stop()  # a restart while it waits
 
     project.producer.call("make_due")

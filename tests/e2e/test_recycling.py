@@ -51,7 +51,7 @@ def test_max_tasks_per_child_replaces_the_child_and_runs_every_task_once(
         # The child stores the row before the parent hears of it and logs the line.
         worker.wait_log(rf"report_pid\[{task_id}\] succeeded", timeout=5)
         assert worker.count(rf"report_pid\[{task_id}\] succeeded") == 1
-    assert project.count() == 0
+    project.assert_empty()
     # The same worker parent throughout, with the third child still serving it.
     assert worker.proc.poll() is None
     assert pool_children(worker) == [c]

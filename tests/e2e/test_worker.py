@@ -86,7 +86,7 @@ def test_autoretry_backoff_keeps_one_row_with_retries_counted(project: Project) 
     assert elapsed >= 3.0 - 0.1, f"the retries did not wait out their backoff ({elapsed:.2f}s)"
     assert worker.count(rf"sync_to_warehouse\[{task_id}\] retry 1 in 1\.0s") == 1
     assert worker.count(rf"sync_to_warehouse\[{task_id}\] retry 2 in 2\.0s") == 1
-    assert project.count() == 0
+    project.assert_empty()
 
 
 def test_autoretry_exhausted_ends_in_one_failure_row(project: Project) -> None:
@@ -108,7 +108,7 @@ def test_autoretry_exhausted_ends_in_one_failure_row(project: Project) -> None:
     assert len(project.results(name=f"{TASKS}.send_receipt")) == 1
     assert worker.count(r"send_receipt\[.*\] retry") == 0
     assert project.order(order)["receipt_sent_at"] is None
-    assert project.count() == 0
+    project.assert_empty()
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_undecodable_and_pickle_messages_are_dropped_once(project: Project) -> N
     assert worker.count(rf"Dropped message {pickled_id}\b.*x-python-serialize") == 1
     assert project.results([garbage_id, pickled_id]) == []
     # Stopped, the worker holds nothing unacknowledged: what is left is truly left.
-    assert project.count() == 0
+    project.assert_empty()
 
 
 # -- scheduling and shutdown ----------------------------------------------------------------
@@ -369,4 +369,4 @@ def test_two_workers_share_a_postgres_queue_without_running_a_task_twice(
     runs = first.log + second.log
     for task_id in ids:
         assert runs.count(f"add[{task_id}] succeeded") == 1, f"{task_id} ran twice:\n{runs}"
-    assert project.count() == 0
+    project.assert_empty()

@@ -148,7 +148,7 @@ def test_chains_groups_and_links_on_one_worker(project: Project) -> None:
     assert by_parent(project, "wf_failed_id", linked) == []
     assert worker.count(rf"wf_double\[{not_run}\]") == 0
     assert len(project.results(name=f"{TASKS}.wf_failed_id")) == 1
-    assert project.count() == 0
+    project.assert_empty()
 
 
 def test_chords_on_two_workers_send_their_body_once(project: Project) -> None:
@@ -205,7 +205,7 @@ def test_chords_on_two_workers_send_their_body_once(project: Project) -> None:
     assert logs.count(f"wf_collect[{body['id']}] succeeded") == 1
     assert f"wf_collect[{failing['id']}] succeeded" not in logs
     assert len(project.results(name=f"{TASKS}.wf_failed_id")) == 1
-    assert project.count() == 0
+    project.assert_empty()
 
 
 def test_a_chord_outlives_a_worker_killed_while_running_a_member(project: Project) -> None:
@@ -252,7 +252,7 @@ def test_a_chord_outlives_a_worker_killed_while_running_a_member(project: Projec
     assert rescuer.count(rf"wf_slow\[{slow_id}\] succeeded") == 1
     assert rescuer.count(rf"wf_collect\[{body['id']}\] succeeded") == 1
     assert doomed.count(rf"wf_collect\[{body['id']}\]") == 0
-    assert project.count() == 0
+    project.assert_empty()
 
 
 @pytest.mark.broker
@@ -286,4 +286,4 @@ def test_a_celery_clients_chain_runs_on_our_workers(broker: str,
     assert [(rows[i]["root_id"], rows[i]["parent_id"]) for i in ids] == [
         (ids[0], ""), (ids[0], ids[0]), (ids[0], ids[1])]
     assert {rows[i]["worker"] for i in ids} == {worker.hostname}
-    assert project.count() == 0
+    project.assert_empty()
