@@ -32,6 +32,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual.exchange import STANDARD_EXCHANGE_TYPES, DirectExchange
 from kombu.utils.json import dumps
 
+from . import pgnotify
 from .base import BrokerState, VirtualChannel
 
 if TYPE_CHECKING:
@@ -134,18 +135,24 @@ class Bindings:
         return [(key, pattern or None, queue)
                 for key, pattern, queue in rows.values_list("routing_key", "pattern", "queue")]
 
-    def route(self, exchange: str, routing_key: str | None, payload: str, priority: int) -> int:
+    def route(self, exchange: str, routing_key: str | None, payload: str, priority: int,
+              notify: bool = False) -> int:
         """Copy a message into every queue bound to ``exchange`` (with ``routing_key`` when one
-        is given), in one statement; return how many queues it reached."""
+        is given), in one statement that also notifies those queues (PostgreSQL, ``notify``);
+        return how many queues it reached."""
         db = self.db
         quote = db.ops.quote_name
         sql = ROUTE.format(messages=quote(self.messages._meta.db_table),
                            bindings=quote(self.model._meta.db_table),
                            by_key="" if routing_key is None else " AND routing_key = %s")
+        if notify:
+            sql = pgnotify.route_and_notify(sql)
         now = db.ops.adapt_datetimefield_value(timezone.now())
         key = [] if routing_key is None else [routing_key]
         with db.cursor() as cursor:
             cursor.execute(sql, [payload, priority, now, exchange, *key, now])
+            if notify:
+                return len(cursor.fetchall())  # a row per queue reached
             routed: int = max(cursor.rowcount, 0)
             return routed
 
@@ -207,6 +214,11 @@ class RoutingChannel(VirtualChannel):
 
     def _run(self, step: Callable[[], T]) -> T:
         return step()  # the storage channel retries over dropped connections and locks
+
+    @property
+    def notifies(self) -> bool:
+        """Whether a publish notifies consumers (the storage channel knows)."""
+        return False
 
     def _payload(self, message: Raw) -> str:
         """The message as stored; an ``expiration`` property (ms) becomes a deadline."""
@@ -291,11 +303,14 @@ class RoutingChannel(VirtualChannel):
     def _put_fanout(self, exchange: str, message: Raw, routing_key: str, **kwargs: Any) -> None:
         """One copy of the message for each queue bound to ``exchange``, in one statement."""
         payload, priority = self._payload(message), self._get_message_priority(message)
-        self._run(lambda: self.bindings.route(exchange, None, payload, priority))
+        notify = self.notifies
+        self._run(lambda: self.bindings.route(exchange, None, payload, priority, notify))
 
     def _put_direct(self, exchange: str, routing_key: str, message: Raw) -> None:
         payload, priority = self._payload(message), self._get_message_priority(message)
-        routed = self._run(lambda: self.bindings.route(exchange, routing_key, payload, priority))
+        notify = self.notifies
+        routed = self._run(lambda: self.bindings.route(exchange, routing_key, payload, priority,
+                                                       notify))
         if not routed and exchange == routing_key:
             # The project's layout (exchange, queue and routing key of one name) arrives even
             # before any process bound the queue; other unrouted messages are dropped, as on AMQP.

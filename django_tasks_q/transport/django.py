@@ -4,7 +4,9 @@ Each message is one ``QueueMessage`` row. A consumer claims rows with a lease (`
 moved ``visibility_timeout`` seconds ahead), renews the leases of what it still holds while it
 polls, and deletes a row when the message is acked; a consumer that dies simply stops renewing,
 so its messages are delivered again once their leases run out. Exchanges route by bindings
-kept in the database (``bindings.py``), so remote control works across processes.
+kept in the database (``bindings.py``), so remote control works across processes. On
+PostgreSQL an idle consumer waits for a notification of a publish instead of polling
+(``pgnotify.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from django.utils import timezone
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.utils.json import loads
 
+from . import pgnotify
 from .acks import BatchedAcks
 from .base import VirtualQoS, VirtualTransport
 from .bindings import EXPIRES_AT, RoutingChannel, State
@@ -64,6 +67,8 @@ RETURNING m.id, m.queue, m.payload, m.deliveries, m.priority
 CLAIM_MAX = 32
 #: Tries of a statement SQLite refuses with "database is locked" (each after its busy timeout).
 LOCKED_TRIES = 4
+#: Most messages one wake-up by a notification hands out before the event loop runs again.
+WAKE_MOST = 1000
 
 _wal_databases: set[str] = set()
 
@@ -193,10 +198,27 @@ class Channel(RoutingChannel):
     # -- publishing and queue management --------------------------------------------------
 
     def _put(self, queue: str, message: Raw, **kwargs: Any) -> None:
-        """Insert the message as a row; inside ``transaction.atomic()`` it joins the caller's."""
-        fields = {"queue": queue, "payload": self._payload(message), "visible_at": timezone.now(),
-                  "priority": self._get_message_priority(message)}
-        self._run(lambda: self._rows().create(**fields))
+        """Insert the message as a row; inside ``transaction.atomic()`` it joins the caller's.
+        On PostgreSQL the same statement notifies the queue's listeners (on commit)."""
+        payload, priority = self._payload(message), self._get_message_priority(message)
+        now = timezone.now()
+        if self.notifies:
+            self._run(lambda: self._put_and_notify(queue, payload, priority, now))
+        else:
+            self._run(lambda: self._rows().create(queue=queue, payload=payload, priority=priority,
+                                                  visible_at=now))
+
+    @property
+    def notifies(self) -> bool:
+        """Whether publishing here notifies consumers (PostgreSQL, unless ``notify`` is off)."""
+        return self.connection.notify and self.db.vendor == "postgresql"
+
+    def _put_and_notify(self, queue: str, payload: str, priority: int,
+                        visible_at: datetime) -> None:
+        table = self.db.ops.quote_name(self.model._meta.db_table)
+        with self.db.cursor() as cursor:
+            cursor.execute(pgnotify.PUT.format(table=table),
+                           [queue, payload, priority, visible_at, pgnotify.channel(queue)])
 
     def _ready(self, queue: str) -> QuerySet[QueueMessage]:
         return self._rows().filter(queue=queue, visible_at__lte=timezone.now())
@@ -289,7 +311,9 @@ class Channel(RoutingChannel):
         if not tags:
             return
         claims = [_parse_tag(tag) for tag in tags]
-        if requeue:
+        if requeue and self.notifies:
+            self._run(lambda: self._requeue_and_notify(claims, undelivered))
+        elif requeue:
             match = reduce(or_, (Q(id=row_id, deliveries=n) for row_id, n in claims))
             changes: dict[str, Any] = {"visible_at": timezone.now(), "claimed_by": ""}
             if undelivered:  # never reached a consumer, so it does not count as redelivered
@@ -299,6 +323,14 @@ class Channel(RoutingChannel):
             self._run(lambda: self._delete_rows([row_id for row_id, _ in claims]))
         for tag in tags:
             self._held.pop(tag, None)
+
+    def _requeue_and_notify(self, claims: list[tuple[int, int]], undelivered: bool) -> None:
+        # One statement: the rows are visible again and their queues' listeners told so.
+        table = self.db.ops.quote_name(self.model._meta.db_table)
+        with self.db.cursor() as cursor:
+            cursor.execute(pgnotify.REQUEUE.format(table=table),
+                           [timezone.now(), 1 if undelivered else 0,
+                            [row_id for row_id, _ in claims], [n for _, n in claims]])
 
     def _delete_rows(self, ids: list[int]) -> None:
         # Plain SQL: QuerySet.delete() wraps the statement in a transaction of its own (and
@@ -357,13 +389,21 @@ class Channel(RoutingChannel):
             limit = min(self.qos.can_consume_max_estimate() or 1, CLAIM_MAX)
             self._buffer.extend(self._claim_or_nothing(queues, limit))
             if not self._buffer:
-                if self._polled_lazily(queues):
-                    self._quiet_until = now + (self.connection.polling_interval or 0.0)
+                self._quiet_until = now + self._rest(queues)
                 raise Empty()
         queue, message = self._buffer.popleft()
         if queue in self._no_ack:
             self._settle([message["properties"]["delivery_tag"]], requeue=False)
         (callback or self.connection._deliver)(message, queue)
+
+    def _rest(self, queues: list[str]) -> float:
+        """Seconds an empty poll lets this channel rest: until the safety poll when a publish
+        wakes it (LISTEN), a polling interval for remote control only, else none."""
+        if self.connection.listening(queues):
+            return self.connection.safety_poll_interval
+        if self._polled_lazily(queues):
+            return self.connection.polling_interval or 0.0
+        return 0.0
 
     def _get(self, queue: str, timeout: float | None = None) -> Raw:
         claimed = self._claim_or_nothing([queue], 1)
@@ -417,6 +457,9 @@ class Transport(VirtualTransport):
 
     #: Seconds between polls of an idle consumer (transport option ``polling_interval``).
     polling_interval = 0.1
+    #: Seconds between polls of an idle consumer that a notification wakes (PostgreSQL;
+    #: transport option ``safety_poll_interval``).
+    safety_poll_interval = 1.0
 
     driver_type = "sql"
     driver_name = "django"
@@ -443,6 +486,11 @@ class Transport(VirtualTransport):
         options = client.transport_options
         self.visibility_timeout = float(options.get("visibility_timeout", 60.0))
         self.database = str(options.get("database", "default"))
+        self.notify = bool(options.get("notify", True))
+        self.safety_poll_interval = float(
+            options.get("safety_poll_interval", self.safety_poll_interval))
+        self.listener: pgnotify.Listener | None = None
+        self._loop: Any = None
 
     def establish_connection(self) -> Any:
         """Check that the database answers before kombu counts the connection as made."""
@@ -452,6 +500,78 @@ class Transport(VirtualTransport):
         db.ensure_connection()
         _prefer_wal(db)
         return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        """Close the channels (giving back what they hold), then the listener."""
+        try:
+            super().close_connection(connection)
+        finally:
+            if self.listener is not None:
+                self.listener.close()
+            self.listener, self._loop = None, None
+
+    # -- waking idle consumers ----------------------------------------------------------------
+
+    def listening(self, queues: list[str]) -> bool:
+        """Whether a publish to any of ``queues`` wakes this transport's consumers (PostgreSQL
+        with ``notify``); listens for them when not yet."""
+        if self.listener is None:
+            if not self.notify or not pgnotify.available(self.database):
+                return False
+            self.listener = pgnotify.Listener(self.database, self._woken)
+            if self._loop is not None:
+                self.listener.attach(self._loop, self._on_readable)
+        return self.listener.listening(queues)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Have the event loop (a kombu hub) wake the consumers as soon as a message is
+        published to their queues, rather than at their next poll."""
+        self._loop = loop
+        if self.listener is not None:
+            self.listener.attach(loop, self._on_readable)
+
+    def _woken(self, queues: set[str] | None) -> None:
+        # A notified channel claims at its next drain; None: the listener was lost.
+        for channel in self.channels:
+            if queues is None or not queues.isdisjoint(channel._active_queues):
+                channel._quiet_until = 0.0
+
+    def _on_readable(self) -> None:
+        if self.listener is None:
+            return
+        heard = self.listener.heard
+        self.listener.read()
+        if self.listener.heard == heard:
+            return
+        for _ in range(WAKE_MOST):  # hand out what the woken channels claim, as a poll would
+            try:
+                self.drain_events(self, timeout=0)
+            except TimeoutError:
+                return
+            except (*self.connection_errors, *self.channel_errors):
+                raise  # the consumer reconnects
+            except Exception:  # as from a poll timer: logged, and the event loop carries on
+                logger.exception("django:// broker: could not deliver woken messages")
+                return
+
+    def drain_events(self, connection: Any, timeout: float | None = None,
+                     **kwargs: Any) -> None:
+        """Deliver one message, waiting up to ``timeout`` seconds; between polls wait on the
+        listener's socket (PostgreSQL), or sleep ``polling_interval``."""
+        started = time.monotonic()
+        while True:
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                left = math.inf if timeout is None else timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise TimeoutError() from None
+                pause = min(self.polling_interval or 0.0, left)
+                if self.listener is not None and self.listener.connected:
+                    self.listener.wait(pause)
+                else:
+                    time.sleep(pause)
 
     def driver_version(self) -> str:
         """Django's version: the ORM is this transport's driver."""
