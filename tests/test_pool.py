@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -272,3 +275,89 @@ def test_register_again_replaces_the_idle_check(pool: PreforkPool) -> None:
     assert [t.canceled for t in new.timers] == [False]
     pool.stop()
     assert new.timers[0].canceled
+
+
+# -- short tasks queued behind one another in a busy child ----------------------------------
+
+def run_job(name: str, *args: Any) -> Job:
+    return Job(message.TaskMessage(id=message.new_id(), name=name, args=list(args), kwargs={}),
+               None)
+
+
+@pytest.fixture
+def single(outcomes: list[tuple[Job, Outcome]]) -> Iterator[tuple[PreforkPool, FakeHub,
+                                                                   list[Job]]]:
+    """A pool of one child (its gate "open" lets ``hold`` return at once), driven by hand."""
+    _others.clear()
+    _others.update(live_children())
+    tasks.gates.setdefault("open", threading.Event()).set()
+    returned: list[Job] = []
+    with override_settings(TASKS_Q={"BROKER_URL": "redis://127.0.0.1:1/0"}):
+        one = PreforkPool(1, "t", on_done=lambda j, o: outcomes.append((j, o)))
+        one.start()
+    one.on_return = returned.append
+    hub = FakeHub()
+    one.register(hub)
+    try:
+        yield one, hub, returned
+    finally:
+        one.kill()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_short_task_waits_in_a_busy_child_behind_another_and_runs_next(
+        single: tuple[PreforkPool, FakeHub, list[Job]],
+        outcomes: list[tuple[Job, Outcome]]) -> None:
+    pool, hub, _ = single
+    [pid] = live_children()
+    first = run_job(tasks.add.name, 1, 2)
+    assert pool.takes(first)
+    pool.submit(first)
+    assert not pool.takes(run_job(tasks.add.name, 0, 0))  # how long it takes is not known yet
+    hub.read(pid)
+
+    second, third = run_job(tasks.add.name, 2, 3), run_job(tasks.add.name, 3, 4)
+    pool.submit(second)
+    assert pool.takes(third)  # add took well under QUEUE_BEHIND_UNDER: one may wait behind it
+    pool.submit(third)
+    assert pool.active() == [second, third]
+    assert not pool.takes(run_job(tasks.add.name, 0, 0))  # one waits at most
+    hub.read(pid)
+    hub.read(pid)
+    assert [(j, o.status) for j, o in outcomes] == [
+        (first, "SUCCESS"), (second, "SUCCESS"), (third, "SUCCESS")]
+    assert pool.active() == [] and pool.free() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nothing_waits_behind_a_task_that_is_not_short(
+        single: tuple[PreforkPool, FakeHub, list[Job]]) -> None:
+    pool, hub, _ = single
+    [pid] = live_children()
+    pool._runtimes[tasks.add.name] = 0.001
+    pool._runtimes[tasks.total.name] = 0.050
+    pool.submit(run_job(tasks.total.name, [1, 2]))
+    assert not pool.takes(run_job(tasks.add.name, 1, 2))  # the running one is slow
+    hub.read(pid)
+    pool.submit(run_job(tasks.add.name, 1, 2))
+    assert not pool.takes(run_job(tasks.total.name, [1]))  # the waiting one would be slow
+    assert pool.takes(run_job(tasks.add.name, 1, 2))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_waiting_in_a_child_that_dies_is_returned_not_lost(
+        single: tuple[PreforkPool, FakeHub, list[Job]],
+        outcomes: list[tuple[Job, Outcome]]) -> None:
+    pool, hub, returned = single
+    [pid] = live_children()
+    pool.submit(run_job(tasks.hold.name, "open"))
+    hub.read(pid)  # hold("open") returns at once: it is short
+    running, waiting = run_job(tasks.hold.name, "shut"), run_job(tasks.hold.name, "open")
+    pool.submit(running)
+    pool.submit(waiting)
+    os.kill(pid, signal.SIGKILL)
+    hub.read(pid)  # end of file: the child is gone
+
+    assert [(j, o.status) for j, o in outcomes[1:]] == [(running, "LOST")]
+    assert returned == [waiting]  # it never started: it is not counted as a delivery
+    assert pool.active() == [] and len(live_children()) == 1  # replaced

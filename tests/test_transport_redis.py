@@ -266,7 +266,35 @@ def test_acks_taken_later_free_the_slot_at_once_and_reach_redis_together(
         drain_once(conn)
         assert len(got) == 1 and len(unacked(redis_client)) == 3
         qos.send_acks([m.delivery_tag for m in acked])
+        qos.confirm_acks()
         assert len(unacked(redis_client)) == 1
         assert redis_client.zcard("unacked_index") == 1
         got[0].ack()
     assert unacked(redis_client) == {}
+
+
+def test_acks_are_sent_without_waiting_and_their_errors_reach_the_next_call(
+        redis_client: redis.Redis, qname: str) -> None:
+    publish(qname, 2)
+    with broker.connection() as conn:
+        got = consume(conn, qname, prefetch=2)
+        drain_once(conn)
+        qos = got[0].channel.qos
+        qos.send_acks(["not-a-tag"])  # connects
+        qos.confirm_acks()
+        redis_client.client_pause(300)  # Redis answers nobody for 0.3 s
+        started = time.monotonic()
+        qos.send_acks([got[0].delivery_tag])
+        assert time.monotonic() - started < 0.2  # sent, not waited for
+        qos.send_acks([got[1].delivery_tag])  # reads the answer to the first one before
+        assert time.monotonic() - started >= 0.25
+        qos.confirm_acks()
+        assert unacked(redis_client) == {}
+
+        redis_client.set("unacked_index", "not a sorted set")
+        qos.send_acks(["some-tag"])
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            qos.confirm_acks()
+        redis_client.delete("unacked_index")
+        qos.send_acks(["some-tag"])  # a new connection: the failed one was dropped
+        qos.confirm_acks()

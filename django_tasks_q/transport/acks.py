@@ -18,8 +18,12 @@ class BatchedAcks(VirtualQoS):
     acknowledge in the broker (``send_acks``)."""
 
     def send_acks(self, delivery_tags: list[str]) -> None:
-        """Acknowledge ``delivery_tags`` in the broker, in one round trip."""
+        """Acknowledge ``delivery_tags`` in the broker, in one round trip. It may return before
+        the broker has answered: the next call, or ``confirm_acks``, raises if it failed."""
         raise NotImplementedError
+
+    def confirm_acks(self) -> None:
+        """Wait until the acknowledgements sent so far are applied; raise if they failed."""
 
     def ack_later(self, delivery_tag: str) -> None:
         """Acknowledge here now (the prefetch slot is free); the caller sends it to the broker
@@ -29,5 +33,6 @@ class BatchedAcks(VirtualQoS):
     def ack_many(self, delivery_tags: list[str]) -> None:
         """Acknowledge many messages in one round trip."""
         self.send_acks(delivery_tags)
+        self.confirm_acks()
         for tag in delivery_tags:
             VirtualQoS.ack(self, tag)

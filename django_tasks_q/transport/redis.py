@@ -9,7 +9,8 @@ Here a message is taken by a script that pops it and records it in the same atom
 kombu's own unacked layout (so kombu's and Celery's restore, acknowledge and reject work on it
 unchanged). Several are taken per round trip, up to the free prefetch. Only when every queue is
 empty does the channel block in ``BRPOP`` to wait for the next message; one that arrives then is
-recorded as kombu records it, a round trip later.
+recorded as kombu records it, a round trip later. Acknowledgements are sent in batches without
+waiting for the answer, which is read with the next batch (``QoS.send_acks``).
 
 Publishing writes kombu's message envelope, key for key, in one ``LPUSH`` on a connection the
 channel holds for it (kombu builds two clients per publish and goes through its producer's
@@ -128,11 +129,31 @@ class QoS(BatchedAcks, RedisQoS):
             super().append(message, delivery_tag)
 
     def send_acks(self, delivery_tags: list[str]) -> None:
-        with self.channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.zrem(self.unacked_index_key, *delivery_tags)
-            pipe.hdel(self.unacked_key, *delivery_tags)
-            pipe.execute()
+        """``ZREM`` and ``HDEL`` the tags from kombu's unacked index and table, on a connection
+        held for it, without waiting for Redis: the replies are read on the next call (when
+        they are there already) or by ``confirm_acks``. Both commands can be sent again."""
+        channel = self.channel
+        prefix = channel.global_keyprefix or ""
+        try:
+            conn = channel._ack_conn = channel._ack_conn or channel.own_connection()
+            self.confirm_acks()
+            conn.send_packed_command(conn.pack_commands([
+                ("ZREM", prefix + self.unacked_index_key, *delivery_tags),
+                ("HDEL", prefix + self.unacked_key, *delivery_tags)]), check_health=False)
+            channel._ack_replies = 2
+        except BaseException:
+            channel._drop_ack_conn()
+            raise
+
+    def confirm_acks(self) -> None:
+        channel = self.channel
+        try:
+            while channel._ack_replies:
+                channel._ack_replies -= 1
+                channel._ack_conn.read_response()
+        except BaseException:
+            channel._drop_ack_conn()
+            raise
 
 
 class Channel(RedisChannel):
@@ -148,6 +169,8 @@ class Channel(RedisChannel):
         self._wait_next = False  # the last script found every queue empty
         self._sync_client: Any = None  # built once, on first use (see conn_or_acquire)
         self._publish_conn: Any = None  # put_direct's own connection
+        self._ack_conn: Any = None  # QoS.send_acks's own connection
+        self._ack_replies = 0  # replies to acknowledgements not read yet
         super().__init__(*args, **kwargs)
 
     @contextmanager
@@ -177,12 +200,8 @@ class Channel(RedisChannel):
                            "priority": pri, "body_encoding": encoding,
                            "delivery_tag": new_id()},
         }
-        key = (self.global_keyprefix or "") + self._q_for_pri(
-            queue, self._get_message_priority(message))
-        conn = self._publish_conn
-        if conn is None:
-            conn = self._publish_conn = self.pool.make_connection()
-            conn.connect()
+        key = (self.global_keyprefix or "") + self._q_for_pri(queue, pri)
+        conn = self._publish_conn = self._publish_conn or self.own_connection()
         try:
             lpush(conn, key.encode(), to_json(message).encode())
         except BaseException:
@@ -190,11 +209,23 @@ class Channel(RedisChannel):
             conn.disconnect()
             raise
 
+    def own_connection(self) -> Any:
+        """A connection of the channel's pool, connected, held by whoever asked for it."""
+        conn = self.pool.make_connection()
+        conn.connect()
+        return conn
+
+    def _drop_ack_conn(self) -> None:
+        if self._ack_conn is not None:
+            self._ack_conn.disconnect()
+        self._ack_conn, self._ack_replies = None, 0
+
     def _disconnect_pools(self) -> None:
         self._sync_client = None  # its pool is being closed
         if self._publish_conn is not None:
             self._publish_conn.disconnect()
             self._publish_conn = None
+        self._drop_ack_conn()
         super()._disconnect_pools()
 
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -217,12 +248,9 @@ class Channel(RedisChannel):
         self._popping = [queue for queue, _ in pairs]
         self._in_poll = client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu types it None
-        client.connection.send_command("EVALSHA", self._pop_sha, len(keys), *keys, time(),
-                                       self._pop_limit())
-
-    def _pop_limit(self) -> int:
         free = self.qos.can_consume_max_estimate()
-        return POP_LIMIT if free is None else max(1, min(int(free), POP_LIMIT))
+        limit = POP_LIMIT if free is None else max(1, min(int(free), POP_LIMIT))
+        client.connection.send_command("EVALSHA", self._pop_sha, len(keys), *keys, time(), limit)
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._blocking:

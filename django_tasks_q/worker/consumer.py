@@ -79,7 +79,7 @@ class Consumer:
         self._connected = False
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
         self._acking: list[_Finished] = []  # acknowledged together shortly (_ack_soon)
-        self._acking_held = 0  # of those, how many still hold their prefetch slot
+        self._acks_sent: list[Job] = []  # their acknowledgements were sent, maybe not applied
         self._unreachable = False
         self._received = False  # a message arrived since the watchdog last looked
         self._strikes = 0
@@ -97,6 +97,7 @@ class Consumer:
         self._revoked_since: datetime | None = None
         pool.on_done = self.on_done
         pool.on_slot = self._dispatch
+        pool.on_return = self._returned
 
     # -- connection life ---------------------------------------------------------------------
     def run(self, wakeup_fd: int | None = None,
@@ -164,9 +165,9 @@ class Consumer:
         self._qos_global = not conn.qos_semantics_matches_spec
         self._set_prefetch()
         self._polled = not conn.transport.implements.asynchronous
-        if not self._polled:
-            conn.transport.register_with_event_loop(conn.connection, hub)
-        else:
+        # A polled transport may watch a socket as well (django:// on PostgreSQL: LISTEN).
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        if self._polled:
             hub.call_repeatedly(conn.transport.polling_interval or 0.1, self._poll)
         hub.propagate_errors = conn.connection_errors + conn.channel_errors
         self._refresh_revoked()
@@ -197,7 +198,7 @@ class Consumer:
             if self.stopping:
                 self._begin_shutdown()
                 if not self.pool.active():
-                    self._flush_acks()
+                    self._flush_acks(confirm=True)
                     return
                 if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
                     logger.warning("Shutdown grace period is over: giving %d running task(s) "
@@ -206,7 +207,7 @@ class Consumer:
                     break
             next(loop)
         # Cold shutdown: hand back what is still running while the connection is open.
-        self._flush_acks()
+        self._flush_acks(confirm=True)
         self._begin_shutdown()
         for job in self.pool.active():
             self._settle(job, REQUEUE)
@@ -298,6 +299,9 @@ class Consumer:
         # connected again (_flush_acks).
         for finished in self._acking:
             finished.job.stale = True
+        # Sent, perhaps not applied: sent again (it is harmless twice) from the next connection.
+        self._orphans.extend((job, ACK) for job in self._acks_sent)
+        self._acks_sent = []
         for job in self._held():
             job.stale = True
         self._give_back_waiting()
@@ -405,18 +409,18 @@ class Consumer:
             job.settled = True
             qos.ack_later(job.message.delivery_tag)
         self._acking.append(_Finished(job, outcome.unstored, later))
-        if not later:
-            self._acking_held += 1
-        # Those not acknowledged here yet hold their prefetch slots: flush before the window
-        # fills with them.
-        if len(self._acking) >= ACK_BATCH or self._acking_held * 2 >= self.prefetch:
+        # Those not acknowledged here yet hold their prefetch slots: sent before they fill half
+        # the window.
+        if len(self._acking) >= (ACK_BATCH if later else max(1, self.prefetch // 2)):
             self._flush_acks()
         elif len(self._acking) == 1:
             self.hub.call_later(ACK_DELAY, self._flush_acks)
 
-    def _flush_acks(self) -> None:
-        done, self._acking, self._acking_held = self._acking, [], 0
-        if not done:
+    def _flush_acks(self, confirm: bool = False) -> None:
+        """Store and acknowledge what ``_ack_soon`` collected; with ``confirm``, wait until the
+        broker has applied every acknowledgement sent (before the connection closes)."""
+        done, self._acking = self._acking, []
+        if not (done or (confirm and self._acks_sent)):
             return
         rows = [execute.result_row(f.job.msg, TaskState.SUCCESS, result=f.unstored[0],
                                    worker=self.hostname, date_started=f.unstored[1])
@@ -436,12 +440,20 @@ class Consumer:
                 self._database_ok()
         # Those received on a connection now gone are acknowledged by tag from the next one.
         self._orphans.extend((f.job, ACK) for f in done if f.later and f.job.stale)
-        tags = [f.job.message.delivery_tag for f in done if f.later and not f.job.stale]
+        sent = [f.job for f in done if f.later and not f.job.stale]
+        unconfirmed = [*self._acks_sent, *sent]
         try:
-            if tags:
-                self._channel.qos.send_acks(tags)
+            if sent:
+                # Returns before Redis has answered; the answer to those before is read first.
+                self._channel.qos.send_acks([job.message.delivery_tag for job in sent])
+                self._acks_sent = sent
+            if confirm and self._acks_sent:
+                self._channel.qos.confirm_acks()
+                self._acks_sent = []
         except self.connection.connection_errors + self.connection.channel_errors:
-            self._orphans.extend((f.job, ACK) for f in done if f.later and not f.job.stale)
+            # Not known to be applied: sent again (harmless twice) from the next connection.
+            self._orphans.extend((job, ACK) for job in unconfirmed)
+            self._acks_sent = []
             raise
         finally:
             for f in done:
@@ -566,7 +578,7 @@ class Consumer:
 
     def _dispatch(self) -> None:
         pool, buffer, revoked = self.pool, self.buffer, self.revoked
-        while buffer and pool.free():
+        while buffer and pool.takes(buffer[0]):
             job = buffer.popleft()
             if job.msg.id in revoked:
                 logger.info("Task %s[%s] was revoked; not run", job.msg.name, job.msg.id)
@@ -585,6 +597,14 @@ class Consumer:
             for watcher in self.watchers:
                 watcher.started(job)
             pool.submit(job)
+
+    def _returned(self, job: Job) -> None:
+        """The pool took ``job`` but never started it (its child went away): it goes first
+        again, or back to the broker when the worker is stopping."""
+        if self.stopping:
+            self._settle(job, REQUEUE)
+        else:
+            self.buffer.appendleft(job)
 
     # -- outcomes ----------------------------------------------------------------------------
     def on_done(self, job: Job, outcome: execute.Outcome) -> None:

@@ -11,6 +11,7 @@ import queue as queue_mod
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import Pipe
@@ -27,6 +28,10 @@ logger = logging.getLogger("django_tasks_q.worker")
 
 LOST = "LOST"  # the process running the job died
 GROW_PAUSE = 5.0  # seconds an autoscaling pool stays at its size after a fork failed
+#: A prefork child running a task may be handed the next one to start the moment it is done,
+#: when tasks of both names have taken less than this many seconds on average (PreforkPool).
+QUEUE_BEHIND_UNDER = 0.005
+RUNTIME_WEIGHT = 0.2  # of the newest runtime in a task name's running average
 
 
 @dataclass(eq=False)
@@ -60,6 +65,8 @@ class Pool:
         self.hostname = hostname
         self.on_done = on_done
         self.on_slot: Callable[[], None] = lambda: None  # a slot became free without an outcome
+        #: A submitted job that never started (its prefork child went away first).
+        self.on_return: Callable[[Job], None] = lambda job: None
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child
         self.hub: Any = None
@@ -80,12 +87,16 @@ class Pool:
         """How many more jobs can start now."""
         raise NotImplementedError
 
+    def takes(self, job: Job) -> bool:
+        """Whether ``job`` can be submitted now."""
+        return self.free() > 0
+
     def submit(self, job: Job) -> None:
         """Start ``job``; the outcome comes back through ``on_done``."""
         raise NotImplementedError
 
     def active(self) -> list[Job]:
-        """Jobs started and not finished."""
+        """Jobs submitted and not finished."""
         raise NotImplementedError
 
     def pids(self) -> list[int]:
@@ -161,15 +172,20 @@ class ThreadPool(Pool):
 class _Child:
     pid: int
     pipe: Connection
-    job: Job | None = None
+    jobs: deque[Job] = field(default_factory=deque)  # the one running, then one queued behind
     done: int = 0
     retiring: bool = False  # reached max_tasks_per_child: exits after its last job
     idle_since: float = field(default_factory=time.monotonic)
 
     @property
+    def job(self) -> Job | None:
+        """The job it runs."""
+        return self.jobs[0] if self.jobs else None
+
+    @property
     def idle(self) -> bool:
         """Free for a job: running none, and not on its way out."""
-        return self.job is None and not self.retiring
+        return not self.jobs and not self.retiring
 
 
 def _children(n: int) -> str:
@@ -177,7 +193,11 @@ def _children(n: int) -> str:
 
 
 class PreforkPool(Pool):
-    """Forked children reused across jobs; a job goes only to an idle child (fair dispatch).
+    """Forked children reused across jobs; a job goes to an idle child (fair dispatch).
+
+    Short tasks are the exception: when none is idle, a child running a task whose name takes
+    under ``QUEUE_BEHIND_UNDER`` on average is handed one more such task, which waits in its
+    pipe and starts the moment the first ends, without a round trip through this process.
 
     With autoscale (``min_size`` below ``size``) it starts ``min_size`` children, forks one more
     when a job is submitted while none is idle, and lets a child go once it has been idle for
@@ -190,6 +210,7 @@ class PreforkPool(Pool):
         self._idle_timer: Any = None
         self._grow_after = 0.0  # monotonic time growing may be tried again
         self.keepalive = conf.get().AUTOSCALE_KEEPALIVE
+        self._runtimes: dict[str, float] = {}  # running average per task name, in seconds
         # What the worker has loaded so far is shared with the children, and stays shared if
         # their garbage collector never writes to it: it leaves frozen objects alone.
         gc.freeze()
@@ -243,15 +264,31 @@ class PreforkPool(Pool):
         except (EOFError, OSError):
             self._on_exit(kid)
             return
-        job, kid.job = kid.job, None
-        kid.idle_since = time.monotonic()
-        if job is not None and job.limit_timer is not None:
-            job.limit_timer.cancel()
+        now = kid.idle_since = time.monotonic()
+        job = kid.jobs.popleft() if kid.jobs else None
         kid.done += 1
         kid.retiring = outcome.retire or (self.max_tasks_per_child is not None
                                           and kid.done >= self.max_tasks_per_child)
         if job is not None:
+            if job.limit_timer is not None:
+                job.limit_timer.cancel()
+            name = job.msg.name
+            last = self._runtimes.get(name)
+            took = now - job.started
+            self._runtimes[name] = took if last is None else last + RUNTIME_WEIGHT * (took - last)
+        if kid.jobs and not kid.retiring:
+            self._started(kid, kid.jobs[0])  # it was queued behind: it runs from now on
+        if job is not None:
             self.on_done(job, outcome)
+
+    def _started(self, kid: _Child, job: Job) -> None:
+        job.started = time.monotonic()
+        if job.revoked:  # revoked with terminate=True while it waited
+            self.terminate(job)
+            return
+        limit = (job.run or job.msg).time_limit
+        if limit:
+            job.limit_timer = self.hub.call_later(limit, self._enforce_limit, kid, job, limit)
 
     def _on_exit(self, kid: _Child) -> None:
         with contextlib.suppress(Exception):
@@ -263,10 +300,14 @@ class PreforkPool(Pool):
                if os.WIFSIGNALED(status) else f"exit code {os.waitstatus_to_exitcode(status)}")
         if not self._stopping:
             self._spawn()  # first, so that the outcome below can hand the new child work
-        if kid.job is not None:
+        # A retiring child exits after its last outcome: what it still holds never started.
+        running = None if kid.retiring or not kid.jobs else kid.jobs.popleft()
+        for job in reversed(kid.jobs):
+            self.on_return(job)
+        if running is not None:
             logger.error("Pool child %d died (%s) while running %s[%s]", kid.pid, how,
-                         kid.job.msg.name, kid.job.msg.id)
-            self.on_done(kid.job, execute.Outcome(LOST, error=f"pool child died ({how})"))
+                         running.msg.name, running.msg.id)
+            self.on_done(running, execute.Outcome(LOST, error=f"pool child died ({how})"))
         else:
             self.on_slot()
 
@@ -319,23 +360,38 @@ class PreforkPool(Pool):
             if done:
                 self._retired.discard(pid)
 
+    def takes(self, job: Job) -> bool:
+        return self.free() > 0 or self._behind(job) is not None
+
+    def _short(self, name: str) -> bool:
+        return self._runtimes.get(name, QUEUE_BEHIND_UNDER) < QUEUE_BEHIND_UNDER
+
+    def _behind(self, job: Job) -> _Child | None:
+        """A busy child that ``job`` (a short task) may wait in, behind another short task."""
+        if not self._short(job.msg.name):
+            return None
+        cap = self.max_tasks_per_child
+        return next((kid for kid in self._children.values()
+                     if len(kid.jobs) == 1 and not kid.retiring
+                     and self._short(kid.jobs[0].msg.name)
+                     and (cap is None or kid.done + 2 <= cap)), None)
+
     def submit(self, job: Job) -> None:
         kid = next((k for k in self._children.values() if k.idle), None)
-        if kid is None:  # every child is busy: an autoscaling pool forks one for this job
+        if kid is None and self.free():  # every child is busy: autoscale forks one for this job
             kid = self._grow()
+        kid = kid or self._behind(job)
         if kid is None:
             self.on_done(job, execute.Outcome(execute.REQUEUE,
                                               error="the pool could not fork a child to run it"))
             return
-        job.started = time.monotonic()
-        job.pid = kid.pid
-        kid.job = job
+        job.started, job.pid = time.monotonic(), kid.pid
+        kid.jobs.append(job)
+        if len(kid.jobs) == 1:
+            self._started(kid, job)
         # If the child is gone, its pipe's EOF reports the job as lost.
         with contextlib.suppress(OSError):
             kid.pipe.send_bytes(pickle.dumps(job.run or job.msg))
-        limit = (job.run or job.msg).time_limit
-        if limit:
-            job.limit_timer = self.hub.call_later(limit, self._enforce_limit, kid, job, limit)
 
     def _enforce_limit(self, kid: _Child, job: Job, limit: float) -> None:
         if kid.job is not job:
@@ -347,6 +403,7 @@ class PreforkPool(Pool):
             os.kill(kid.pid, signal.SIGKILL)
 
     def terminate(self, job: Job) -> None:
+        # One queued behind another is killed once it runs (_started).
         for kid in self._children.values():
             if kid.job is job:
                 logger.warning("Task %s[%s] was revoked with terminate=True: killing pool "
@@ -358,7 +415,7 @@ class PreforkPool(Pool):
         return list(self._children)
 
     def active(self) -> list[Job]:
-        return [kid.job for kid in self._children.values() if kid.job is not None]
+        return [job for kid in self._children.values() for job in kid.jobs]
 
     def stop(self) -> None:
         self._stopping = True
