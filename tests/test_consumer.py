@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from typing import Any
 
 import pytest
@@ -214,3 +215,29 @@ def test_parking_the_same_message_twice_keeps_one_row() -> None:
     parking.park([msg])
     parking.park([msg])  # redelivered after a crash between park and ack
     assert ParkedMessage.objects.count() == 1
+
+
+class _Hub:
+    def __init__(self) -> None:
+        self.later: list[float] = []
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.later.append(delay)
+
+
+def test_a_small_fetch_waits_a_little_only_while_received_work_waits_for_the_pool(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consumer_module, "FETCH_DELAY", 0.2)
+    consumer = Consumer(["default"], POOLS["solo"](1, "t", on_done=lambda j, o: None), "t",
+                        prefetch=8)
+    hub = consumer.hub = _Hub()
+    assert consumer._defer_fetch(1) is False  # nothing waits here: fetch now
+    consumer.buffer.append(Job(message.TaskMessage(id="a", name="x", args=[], kwargs={}), None))
+    assert consumer._defer_fetch(1) is True
+    assert consumer._defer_fetch(2) is True
+    assert hub.later == [0.2]  # one wake-up of the loop, when the wait is over
+    time.sleep(0.25)
+    assert consumer._defer_fetch(2) is False  # waited long enough
+    assert consumer._defer_fetch(2) is True and hub.later == [0.2, 0.2]  # a new wait
+    consumer.buffer.clear()
+    assert consumer._defer_fetch(2) is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -166,12 +167,22 @@ def test_a_waiting_consumer_gets_a_message_published_later(
         redis_client: redis.Redis, qname: str) -> None:
     with broker.connection() as conn:
         got = consume(conn, qname, prefetch=4)
-        drain_once(conn)  # every queue empty: the channel now blocks in BRPOP
+        drain_once(conn)
         assert got == []
-        ids = publish(qname, 1)
+        # Published while the channel waits in BRPOP (every queue was empty).
+        ids: list[str] = []
+        later = threading.Timer(0.3, lambda: ids.extend(publish(qname, 1)))
+        later.start()
         drain_until(conn, got, 1)
+        later.join()
         assert [m.headers["id"] for m in got] == ids
+        # Recorded as unacked by commands sent before it was handed over, without waiting for
+        # their replies.
+        channel = got[0].channel
+        assert channel._ack_replies == 2
+        channel.qos.confirm_acks()
         assert len(unacked(redis_client)) == 1
+        assert redis_client.zcard("unacked_index") == 1
         got[0].ack()
     assert unacked(redis_client) == {}
 
@@ -298,3 +309,39 @@ def test_acks_are_sent_without_waiting_and_their_errors_reach_the_next_call(
         redis_client.delete("unacked_index")
         qos.send_acks(["some-tag"])  # a new connection: the failed one was dropped
         qos.confirm_acks()
+
+
+def test_a_fetch_of_less_than_half_the_window_asks_the_consumer_first(
+        redis_client: redis.Redis, qname: str) -> None:
+    publish(qname, 6)
+    asked: list[int] = []
+    defer = [True]
+
+    def defer_fetch(free: int) -> bool:
+        asked.append(free)
+        return defer[0]
+
+    with broker.connection() as conn:
+        got = consume(conn, qname, prefetch=4)
+        drain_once(conn)
+        assert len(got) == 4  # the whole window was free
+        channel = got[0].channel
+        assert isinstance(channel, redis_transport.Channel)
+        channel.defer_fetch = defer_fetch
+        got.pop().ack()
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.3)
+        # One slot free and the consumer puts the fetch off: nothing is taken.
+        assert asked and set(asked) == {1}
+        assert len(got) == 3 and waiting(redis_client, qname) == 2
+        defer[0] = False
+        drain_until(conn, got, 4)
+        assert len(got) == 4 and waiting(redis_client, qname) == 1
+        asked.clear()
+        for m in got[:2]:
+            m.ack()
+        got.clear()
+        drain_until(conn, got, 1)  # half the window is free: fetched without asking
+        assert asked == [] and len(got) == 1 and waiting(redis_client, qname) == 0
+        for m in got:
+            m.ack()

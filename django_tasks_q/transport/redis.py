@@ -7,10 +7,12 @@ the reply waits in the socket while the worker is busy with other messages.
 
 Here a message is taken by a script that pops it and records it in the same atomic step, in
 kombu's own unacked layout (so kombu's and Celery's restore, acknowledge and reject work on it
-unchanged). Several are taken per round trip, up to the free prefetch. Only when every queue is
-empty does the channel block in ``BRPOP`` to wait for the next message; one that arrives then is
-recorded as kombu records it, a round trip later. Acknowledgements are sent in batches without
-waiting for the answer, which is read with the next batch (``QoS.send_acks``).
+unchanged). Several are taken per round trip, up to the free prefetch; while the worker has
+received work waiting for its pool, a fetch of less than half the window waits a little for more
+room. Only when every queue is empty does the channel block in ``BRPOP`` to wait for the next
+message; one that arrives then is recorded as kombu records it, in commands sent before it is
+handed over, without waiting for Redis's answer. Acknowledgements are sent in batches, the same
+way; the answers are read with the next batch (``QoS``).
 
 Publishing writes kombu's message envelope, key for key, in one ``LPUSH`` on a connection the
 channel holds for it (kombu builds two clients per publish and goes through its producer's
@@ -21,7 +23,7 @@ replied, so a message is in Redis when ``.delay()`` returns.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
@@ -30,7 +32,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -115,8 +117,11 @@ def lpush(conn: Any, key: bytes, value: bytes) -> None:
 
 
 class QoS(BatchedAcks, RedisQoS):
-    """kombu's, except that a message the pop script recorded is not written again, and
-    acknowledgements can be sent together (``BatchedAcks``)."""
+    """kombu's, except that a message the pop script recorded is not written again, one taken
+    by ``BRPOP`` is recorded without waiting for Redis, and acknowledgements can be sent
+    together (``BatchedAcks``). Both writes go on a connection held for them, and their replies
+    are read on the next acknowledgement (when they are there already) or by
+    ``confirm_acks``."""
 
     channel: Channel
 
@@ -124,23 +129,32 @@ class QoS(BatchedAcks, RedisQoS):
         recorded = self.channel.recorded
         if delivery_tag in recorded:
             recorded.discard(delivery_tag)
-            virtual.QoS.append(self, message, delivery_tag)
         else:
-            super().append(message, delivery_tag)
+            # kombu's unacked record (ZADD and HSET), sent before the message is handed over.
+            info = message.delivery_info
+            prefix = self.channel.global_keyprefix or ""
+            self._send([("ZADD", prefix + self.unacked_index_key, time(), delivery_tag),
+                        ("HSET", prefix + self.unacked_key, delivery_tag,
+                         dumps([message._raw, info["exchange"], info["routing_key"]]))])
+        virtual.QoS.append(self, message, delivery_tag)
 
     def send_acks(self, delivery_tags: list[str]) -> None:
-        """``ZREM`` and ``HDEL`` the tags from kombu's unacked index and table, on a connection
-        held for it, without waiting for Redis: the replies are read on the next call (when
-        they are there already) or by ``confirm_acks``. Both commands can be sent again."""
+        """``ZREM`` and ``HDEL`` the tags from kombu's unacked index and table. Both commands
+        can be sent again."""
+        prefix = self.channel.global_keyprefix or ""
+        self._send([("ZREM", prefix + self.unacked_index_key, *delivery_tags),
+                    ("HDEL", prefix + self.unacked_key, *delivery_tags)], confirm=True)
+
+    def _send(self, commands: list[tuple[Any, ...]], confirm: bool = False) -> None:
+        """Send ``commands`` without waiting for their replies; with ``confirm``, read those of
+        the commands sent before first (raising if one failed)."""
         channel = self.channel
-        prefix = channel.global_keyprefix or ""
         try:
             conn = channel._ack_conn = channel._ack_conn or channel.own_connection()
-            self.confirm_acks()
-            conn.send_packed_command(conn.pack_commands([
-                ("ZREM", prefix + self.unacked_index_key, *delivery_tags),
-                ("HDEL", prefix + self.unacked_key, *delivery_tags)]), check_health=False)
-            channel._ack_replies = 2
+            if confirm:
+                self.confirm_acks()
+            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            channel._ack_replies += len(commands)
         except BaseException:
             channel._drop_ack_conn()
             raise
@@ -169,8 +183,11 @@ class Channel(RedisChannel):
         self._wait_next = False  # the last script found every queue empty
         self._sync_client: Any = None  # built once, on first use (see conn_or_acquire)
         self._publish_conn: Any = None  # put_direct's own connection
-        self._ack_conn: Any = None  # QoS.send_acks's own connection
-        self._ack_replies = 0  # replies to acknowledgements not read yet
+        self._ack_conn: Any = None  # the connection QoS records and acknowledges on
+        self._ack_replies = 0  # replies to those writes not read yet
+        #: Set by the consumer: called with the free prefetch before a fetch that would take
+        #: less than half the window; True puts the fetch off (see ``_brpop_start``).
+        self.defer_fetch: Callable[[int], bool] | None = None
         super().__init__(*args, **kwargs)
 
     @contextmanager
@@ -234,6 +251,10 @@ class Channel(RedisChannel):
             self._blocking = True
             return super()._brpop_start(timeout)
         self._blocking = False
+        free = self.qos.can_consume_max_estimate()
+        if (free is not None and free * 2 < self.qos.prefetch_count
+                and self.defer_fetch is not None and self.defer_fetch(free)):
+            return  # the consumer has work at hand: more is fetched later, in one round trip
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -248,7 +269,6 @@ class Channel(RedisChannel):
         self._popping = [queue for queue, _ in pairs]
         self._in_poll = client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu types it None
-        free = self.qos.can_consume_max_estimate()
         limit = POP_LIMIT if free is None else max(1, min(int(free), POP_LIMIT))
         client.connection.send_command("EVALSHA", self._pop_sha, len(keys), *keys, time(), limit)
 

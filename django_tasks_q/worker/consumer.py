@@ -43,6 +43,7 @@ REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be store
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
 ACK_DELAY = 0.010  # seconds an acknowledgement may wait to be sent with others (_ack_soon)
 ACK_BATCH = 64  # acknowledgements sent at once without waiting for ACK_DELAY
+FETCH_DELAY = 0.010  # seconds a fetch of a few messages may wait for more room (_defer_fetch)
 POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take
 WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
 WATCHDOG_STRIKES = 2  # looks in a row that find work waiting and nothing received
@@ -63,6 +64,7 @@ class Consumer:
         self.hostname = hostname
         self.prefetch = prefetch
         self.buffer: deque[Job] = deque()
+        self._fetch_after = 0.0  # monotonic time a fetch put off by _defer_fetch is made
         self.delayed: list[tuple[float, int, Job]] = []  # (due, seq, job), due in time.time()
         self._to_park: list[Job] = []  # due much later: parked together, shortly
         self._qos_global = False
@@ -182,6 +184,8 @@ class Consumer:
         self._received, self._strikes, self._stalled = False, 0, False
         hub.call_repeatedly(self.watchdog_interval, self._watchdog)
         self._channel = self.kombu.channel
+        if hasattr(self._channel, "defer_fetch"):
+            self._channel.defer_fetch = self._defer_fetch
         self._connected = True
         self._flush_acks()  # left from the connection before, if any
         self._settle_orphans()
@@ -597,6 +601,19 @@ class Consumer:
             for watcher in self.watchers:
                 watcher.started(job)
             pool.submit(job)
+
+    def _defer_fetch(self, free: int) -> bool:
+        """Whether a fetch of only ``free`` messages waits: while received work waits for the
+        pool, the transport fetches once more room is free, for up to ``FETCH_DELAY`` seconds,
+        so that one round trip brings several messages."""
+        now = time.monotonic()
+        if self.buffer and not self._fetch_after:
+            self._fetch_after = now + FETCH_DELAY
+            self.hub.call_later(FETCH_DELAY, lambda: None)  # the loop looks again by then
+        if self.buffer and now < self._fetch_after:
+            return True
+        self._fetch_after = 0.0
+        return False
 
     def _returned(self, job: Job) -> None:
         """The pool took ``job`` but never started it (its child went away): it goes first
