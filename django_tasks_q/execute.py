@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from . import conf, registry, signals
 from .exceptions import Reject, Retry, SoftTimeLimitExceeded, TaskNotRegistered
+from .message import ByPosition
 from .states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ REQUEUE = "REQUEUE"  # give the message back to the broker
 
 
 @dataclass
-class Outcome:
+class Outcome(ByPosition):
     """What became of one run; small and plain so it crosses a pipe from a pool child."""
 
     status: str

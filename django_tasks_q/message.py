@@ -6,9 +6,10 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from operator import attrgetter
+from typing import Any, ClassVar
 
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
@@ -20,8 +21,25 @@ class MalformedMessage(ValueError):
     """A message that is not a Celery protocol v2 task message."""
 
 
+class ByPosition:
+    """For dataclasses that cross the prefork pool's pipes with every task: pickled as the
+    class and the values of its ``__init__`` fields in order, about half the bytes and time of
+    pickle's default, which names every field."""
+
+    __slots__ = ()
+    _values: ClassVar[dict[type, Callable[[Any], tuple[Any, ...]]]] = {}  # per class
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        cls = type(self)
+        values = ByPosition._values.get(cls)
+        if values is None:
+            values = ByPosition._values[cls] = attrgetter(
+                *(f.name for f in fields(cls) if f.init))  # type: ignore[arg-type]
+        return cls, values(self)
+
+
 @dataclass
-class TaskMessage:
+class TaskMessage(ByPosition):
     """One task invocation as carried by the broker."""
 
     id: str

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import pickle
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from django_tasks_q import message
+from django_tasks_q import execute, message
+from django_tasks_q.states import TaskState
 
 
 def test_round_trip_keeps_every_field() -> None:
@@ -23,6 +25,21 @@ def test_round_trip_keeps_every_field() -> None:
     assert (got.eta, got.expires) == (eta, eta + timedelta(hours=1))
     assert (got.time_limit, got.soft_time_limit, got.parent_id, got.root_id) == (60, 50, "p", "r")
     assert (got.queue, got.priority, got.headers) == ("q", 5, {"tenant": "t"})
+
+
+def test_what_crosses_the_pool_pipe_is_pickled_by_position_with_every_field() -> None:
+    eta = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    msg = message.TaskMessage(id="i", name="n", args=[1], kwargs={"a": 2}, retries=3, eta=eta,
+                              time_limit=60, soft_time_limit=50, group="g", group_index=2,
+                              ignore_result=True, queue="q", priority=5, headers={"t": 1},
+                              embed={**message.EMBED, "chain": [{"task": "x"}]})
+    outcome = execute.Outcome(TaskState.FAILURE, retry_eta="soon", runtime=0.5, error="E: e",
+                              retire=True, result_repr="r", exc_repr="e", traceback="tb",
+                              follow=[(msg, "body")], unstored=("v", eta))
+    for sent in (msg, outcome):
+        data = pickle.dumps(sent)
+        assert pickle.loads(data) == sent
+        assert b"soft_time_limit" not in data and b"result_repr" not in data  # no field names
 
 
 def test_celery_style_message_is_accepted() -> None:
