@@ -225,3 +225,29 @@ def test_taskctl_reports_an_unreachable_broker(settings: Any) -> None:
     assert "secret" not in str(caught.value)
     with pytest.raises(CommandError, match="Cannot reach the broker"):
         _taskctl("queues")
+
+
+def test_leases_are_renewed_at_once_while_the_channel_waits_for_messages(
+        running: Consumer, qname: str, redis_url: str) -> None:  # noqa: F811
+    if not broker.safe_url().startswith("redis"):
+        pytest.skip("leases are renewed on Redis only")
+    import redis
+
+    held = publish(qname, name="tests.tasks.hold", args=["lease"])
+    until(lambda: running.pool.active())
+    client = redis.Redis.from_url(redis_url)
+    tag = running.pool.active()[0].message.delivery_tag
+    # Every queue is empty: the channel waits in BRPOP, a second at a time. A renewal sent on
+    # its connection would wait for the BRPOP to return; at a few moments within that second
+    # it must return at once every time.
+    for pause in (0.35, 0.3, 0.25, 0.2, 0.15):
+        time.sleep(pause)
+        before = client.zscore("unacked_index", tag)
+        assert before is not None
+        started = time.monotonic()
+        running._keep_leases()
+        assert time.monotonic() - started < 0.1
+        assert client.zscore("unacked_index", tag) > before
+    tasks.gates["lease"].set()
+    until(lambda: running.tally.processed == 1)
+    assert held.id not in {job.msg.id for job in running.pool.active()}

@@ -237,7 +237,10 @@ class Consumer:
         tags = {str(job.message.delivery_tag): time.time() for job in self._held()
                 if not job.stale and not job.settled and job.message is not None}
         if tags:
-            self._channel.client.zadd(self._channel.unacked_index_key, tags, xx=True)
+            # Not on the channel's own client: its connection may be waiting in BRPOP, and a
+            # command sent there is answered (and the lease moved) only once that returns.
+            with self._channel.conn_or_acquire() as client:
+                client.zadd(self._channel.unacked_index_key, tags, xx=True)
 
     def _watchdog(self) -> None:
         """Reconnect when the connection is up but nothing arrives while our queues have work.
