@@ -307,3 +307,24 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with atomic consuming pops (see the module's docstring)."""
 
     Channel = Channel
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """kombu's, except that the step run on every turn of the loop adds only the readers the
+        loop lacks: kombu's registers every socket again each turn (a system call that fails,
+        as the socket is registered already, and an exception to catch)."""
+        before = set(loop.on_tick)
+        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
+        added = loop.on_tick - before
+        if len(added) != 1:
+            return  # not the kombu this was written for: keep its step
+        loop.on_tick.difference_update(added)
+        cycle: Any = self.cycle
+        readers, on_readable = loop.readers, self.on_readable
+
+        def on_poll_start() -> None:
+            cycle.on_poll_start()  # sends the next fetch, pauses or resumes sockets
+            for fd in cycle.fds:
+                if readers.get(fd) != (on_readable, (fd,)):
+                    loop.add_reader(fd, on_readable, fd)
+
+        loop.on_tick.add(on_poll_start)
