@@ -203,7 +203,8 @@ class Channel(RoutingChannel):
         payload, priority = self._payload(message), self._get_message_priority(message)
         now = timezone.now()
         if self.notifies:
-            self._run(lambda: self._put_and_notify(queue, payload, priority, now))
+            self._run(lambda: self._notifying(pgnotify.PUT, [
+                queue, payload, priority, now, pgnotify.channel(queue)]))
         else:
             self._run(lambda: self._rows().create(queue=queue, payload=payload, priority=priority,
                                                   visible_at=now))
@@ -213,12 +214,12 @@ class Channel(RoutingChannel):
         """Whether publishing here notifies consumers (PostgreSQL, unless ``notify`` is off)."""
         return self.connection.notify and self.db.vendor == "postgresql"
 
-    def _put_and_notify(self, queue: str, payload: str, priority: int,
-                        visible_at: datetime) -> None:
+    def _notifying(self, sql: str, params: list[Any]) -> None:
+        """Run one of ``pgnotify``'s statements, which change rows of the message table and
+        notify their queues' listeners together."""
         table = self.db.ops.quote_name(self.model._meta.db_table)
         with self.db.cursor() as cursor:
-            cursor.execute(pgnotify.PUT.format(table=table),
-                           [queue, payload, priority, visible_at, pgnotify.channel(queue)])
+            cursor.execute(sql.format(table=table), params)
 
     def _ready(self, queue: str) -> QuerySet[QueueMessage]:
         return self._rows().filter(queue=queue, visible_at__lte=timezone.now())
@@ -312,7 +313,10 @@ class Channel(RoutingChannel):
             return
         claims = [_parse_tag(tag) for tag in tags]
         if requeue and self.notifies:
-            self._run(lambda: self._requeue_and_notify(claims, undelivered))
+            # One statement: the rows are visible again and their queues' listeners told so.
+            self._run(lambda: self._notifying(pgnotify.REQUEUE, [
+                timezone.now(), 1 if undelivered else 0,
+                [row_id for row_id, _ in claims], [n for _, n in claims]]))
         elif requeue:
             match = reduce(or_, (Q(id=row_id, deliveries=n) for row_id, n in claims))
             changes: dict[str, Any] = {"visible_at": timezone.now(), "claimed_by": ""}
@@ -323,14 +327,6 @@ class Channel(RoutingChannel):
             self._run(lambda: self._delete_rows([row_id for row_id, _ in claims]))
         for tag in tags:
             self._held.pop(tag, None)
-
-    def _requeue_and_notify(self, claims: list[tuple[int, int]], undelivered: bool) -> None:
-        # One statement: the rows are visible again and their queues' listeners told so.
-        table = self.db.ops.quote_name(self.model._meta.db_table)
-        with self.db.cursor() as cursor:
-            cursor.execute(pgnotify.REQUEUE.format(table=table),
-                           [timezone.now(), 1 if undelivered else 0,
-                            [row_id for row_id, _ in claims], [n for _, n in claims]])
 
     def _delete_rows(self, ids: list[int]) -> None:
         # Plain SQL: QuerySet.delete() wraps the statement in a transaction of its own (and
