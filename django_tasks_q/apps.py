@@ -1,4 +1,5 @@
-"""Surface: the Django app; imports every app's tasks.py and registers the system checks."""
+"""Surface: the Django app; imports every app's tasks.py, registers the system checks, and
+has what a request published confirmed at its end."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ class TasksQConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import canvas, checks, registry
+        from django.core.signals import request_finished
+
+        from . import broker, canvas, checks, registry
 
         checks.register()
+        # Tasks a request sent to RabbitMQ are confirmed before its process takes the next one.
+        request_finished.connect(broker.flush_or_log, dispatch_uid="django_tasks_q.flush")
         canvas.register_builtins()
         registry.autodiscover()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
@@ -18,6 +20,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 from . import conf
+from .confirms import Confirms, ConfirmTimeout
 from .exceptions import EnqueueError
 from .transport import redis as redis_transport
 
@@ -31,6 +34,12 @@ PUBLISH_RETRY_POLICY = {"max_retries": 4, "interval_start": 0.2, "interval_step"
 
 
 REDIS_VISIBILITY_TIMEOUT = 300
+
+#: Task messages a process may have published to RabbitMQ unconfirmed before a call waits for
+#: their confirms (``BROKER_OPTIONS["confirm_window"]``; ``1`` waits for each message's).
+CONFIRM_WINDOW = 256
+#: Seconds a wait for confirms may pass with nothing from RabbitMQ before it fails.
+CONFIRM_TIMEOUT = 30.0
 
 #: Priorities run from 0 (lowest, and what a message without one gets) to this (highest).
 MAX_PRIORITY = 9
@@ -162,8 +171,9 @@ def connection(url: str | None = None, options: dict[str, Any] | None = None) ->
     cfg = conf.get()
     url = url or cfg.BROKER_URL
     transport_options = dict(cfg.BROKER_OPTIONS if options is None else options)
+    transport_options.pop("confirm_window", None)  # the publisher's, not kombu's
     scheme = url.split("://", 1)[0]
-    if scheme in ("amqp", "amqps", "pyamqp"):
+    if _is_amqp(url):
         transport_options.setdefault("confirm_publish", True)
     elif scheme in ("redis", "rediss"):
         # Workers keep the messages they hold alive (worker/consumer.py), so a short timeout
@@ -178,6 +188,10 @@ def connection(url: str | None = None, options: dict[str, Any] | None = None) ->
     return Connection(url, transport_options=transport_options)
 
 
+def _is_amqp(url: str) -> bool:
+    return url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
 def safe_url(url: str | None = None) -> str:
     """The broker URL with its password masked, fit for logs."""
     return str(Connection(url or conf.get().BROKER_URL).as_uri(include_password=False))
@@ -189,25 +203,49 @@ def masked(text: str, url: str | None = None) -> str:
     return text.replace(password, "****") if password else text
 
 
+class _Outgoing(NamedTuple):
+    """One encoded task message on its way to ``queue_name``."""
+
+    body: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    queue_name: str
+    priority: int | None
+
+
 class Publisher:
-    """One process's publishing connection; thread-safe, rebuilt after fork."""
+    """One process's publishing connection; thread-safe, rebuilt after fork.
+
+    On RabbitMQ a message is kept until RabbitMQ confirms it (see confirms.py): a call with
+    ``wait`` returns once every message so far is confirmed; one without returns once its
+    message is written, and its confirm is read by a later call that waits, by ``flush()``, or
+    when ``confirm_window`` messages are outstanding. What a failed connection had not
+    confirmed is sent again on the next one."""
 
     def __init__(self, url: str, options: dict[str, Any]) -> None:
         self.url = url
         self.options = options
+        self._window = max(1, int(options.get("confirm_window", CONFIRM_WINDOW)))
+        # On RabbitMQ, confirms are read here (confirms.py), not by py-amqp (which would wait
+        # for each message's).
+        self._confirm = _is_amqp(url) and bool(options.get("confirm_publish", True))
+        self._options = dict(options, confirm_publish=False) if self._confirm else options
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._producer: Producer | None = None
         self._direct = False
+        self._confirms: Confirms[_Outgoing] | None = None
+        self._outbox: deque[_Outgoing] = deque()
         self._declared: set[str] = set()
 
     def publish(self, body: str, headers: dict[str, Any], properties: dict[str, Any],
-                queue_name: str, priority: int | None = None) -> None:
-        """Publish one encoded task message to ``queue_name`` (persistent, confirmed on AMQP)."""
+                queue_name: str, priority: int | None = None, wait: bool = True) -> None:
+        """Publish one encoded task message to ``queue_name`` (persistent; on RabbitMQ
+        confirmed, before this returns with ``wait``, else later, see the class)."""
         with self._lock:
             conn = self._conn
             if conn is None or self._producer is None:
-                conn = self._conn = connection(self.url, self.options)
+                conn = self._conn = connection(self.url, self._options)
                 self._producer = Producer(conn, auto_declare=False)
                 # Redis: one LPUSH on the channel's client, no per-publish kombu machinery.
                 self._direct = isinstance(conn.transport, redis_transport.Transport)
@@ -226,32 +264,115 @@ class Publisher:
                         return
                     except conn.connection_errors:
                         pass  # the producer below reconnects and retries
-                # The default exchange routes by queue name with no binding lookup: one round
-                # trip less per message on Redis and django://, the same queue on AMQP.
+                item = _Outgoing(body, headers, properties, queue_name, priority)
+                if self._confirm:
+                    if not wait and self._confirms is not None and (
+                            len(self._confirms) >= self._window):
+                        self._ensured(self._collect)  # before this one is written
+                    self._outbox.append(item)
+                    self._ensured(self._collect if wait else self._send_outbox)
+                    return
                 self._producer.publish(
-                    body, exchange="", routing_key=queue_name, headers=headers,
-                    content_type="application/json", content_encoding="utf-8",
-                    priority=wire_priority(conn, priority), delivery_mode=2, retry=True,
+                    body, **self._routing(conn, item), retry=True,
                     retry_policy=PUBLISH_RETRY_POLICY, **properties)
             except Exception as exc:
-                self._reset()
-                if isinstance(exc, EnqueueError):
-                    raise
-                raise EnqueueError(f"Could not publish to {safe_url(self.url)} "
-                                   f"({type(exc).__name__}: {exc}); the task was not sent") from exc
+                raise self._failed(exc, headers.get("id")) from exc
 
-    def _reset(self) -> None:
+    def flush(self) -> None:
+        """Return once RabbitMQ has confirmed every message published so far (at once on the
+        other brokers); ``EnqueueError`` names what it refused or what could not be sent."""
+        with self._lock:
+            if self._outbox or self._confirms:
+                try:
+                    self._ensured(self._collect)
+                except Exception as exc:
+                    raise self._failed(exc) from exc
+
+    @staticmethod
+    def _routing(conn: Connection, item: _Outgoing) -> dict[str, Any]:
+        # The default exchange routes by queue name with no binding lookup: one round trip
+        # less per message on Redis and django://, the same queue on AMQP.
+        return {"exchange": "", "routing_key": item.queue_name, "headers": item.headers,
+                "content_type": "application/json", "content_encoding": "utf-8",
+                "priority": wire_priority(conn, item.priority), "delivery_mode": 2}
+
+    def _ensured(self, fun: Callable[[], None]) -> None:
+        """``fun()``, retried on a new connection (kombu's ``ensure``) while the policy allows."""
+        assert self._conn is not None and self._producer is not None
+        self._conn.ensure(self._producer, fun, **PUBLISH_RETRY_POLICY)()
+
+    def _send_outbox(self) -> None:
+        """Write what waits in the outbox; on a new channel, first what the old one had not
+        confirmed."""
+        assert self._conn is not None and self._producer is not None
+        channel = self._producer.channel
+        if self._confirms is None or self._confirms.channel is not channel:
+            if self._confirms is not None:
+                self._outbox.extendleft(reversed(self._confirms.outstanding()))
+                self._confirms = None
+            self._confirms = Confirms(channel)
+        while self._outbox:
+            item = self._outbox[0]
+            self._producer.publish(item.body, **self._routing(self._conn, item),
+                                   **item.properties)
+            self._confirms.sent(self._outbox.popleft())
+
+    def _collect(self) -> None:
+        """Send what waits, then read confirms until all are in; raise for refused ones."""
+        self._send_outbox()
+        assert self._confirms is not None
+        try:
+            refused = self._confirms.wait(CONFIRM_TIMEOUT)
+        except ConfirmTimeout as exc:
+            raise EnqueueError(str(exc)) from None
+        if refused:
+            raise EnqueueError(
+                f"RabbitMQ refused {len(refused)} task message(s) ({_ids(refused)}): they "
+                f"were not sent (a queue at its x-max-length with x-overflow=reject-publish "
+                f"refuses messages, as does a broker error)")
+
+    def _failed(self, exc: Exception, task_id: str | None = None) -> EnqueueError:
+        """The error to raise after ``exc``; the connection is dropped, and with it what it
+        held unconfirmed, which the error names."""
+        lost = [item for item in self._reset() if item.headers.get("id") != task_id]
+        if isinstance(exc, EnqueueError):
+            error = exc
+        else:
+            error = EnqueueError(f"Could not publish to {safe_url(self.url)} "
+                                 f"({type(exc).__name__}: {exc}); the task was not sent")
+        if lost:
+            # Their callers have returned: this log is where they are heard of.
+            error = EnqueueError(f"{error}; nor were {len(lost)} task message(s) sent before "
+                                 f"it that RabbitMQ had not confirmed ({_ids(lost)})")
+            logger.error("%s", error)
+        return error
+
+    def _reset(self) -> list[_Outgoing]:
+        """Drop the connection; what it held unconfirmed (now dropped too)."""
+        lost = [*(self._confirms.outstanding() if self._confirms else []), *self._outbox]
         if self._conn is not None:
             with contextlib.suppress(Exception):  # the connection is broken already
                 self._conn.release()
-        self._conn = self._producer = None
+        self._conn = self._producer = self._confirms = None
+        self._outbox.clear()
         self._direct = False
         self._declared.clear()
+        return lost
 
     def close(self) -> None:
-        """Close the connection (it reopens on the next publish)."""
+        """Close the connection (it reopens on the next publish), once what it published is
+        confirmed; a failure to confirm is logged."""
+        try:
+            self.flush()
+        except EnqueueError as exc:
+            logger.error("%s", exc)
         with self._lock:
             self._reset()
+
+
+def _ids(items: list[_Outgoing]) -> str:
+    ids = [str(item.headers.get("id")) for item in items]
+    return ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 _publisher: Publisher | None = None
@@ -269,6 +390,25 @@ def publisher() -> Publisher:
                 _publisher.close()
             pub = _publisher = Publisher(cfg.BROKER_URL, dict(cfg.BROKER_OPTIONS))
     return pub
+
+
+def flush() -> None:
+    """Return once RabbitMQ has confirmed every task message this process published;
+    ``EnqueueError`` names those it refused or that could not be sent."""
+    pub = _publisher
+    if pub is not None:
+        pub.flush()
+
+
+def flush_or_log(**_: Any) -> None:
+    """``flush()``, for the end of a request and of the process: a failure is logged."""
+    try:
+        flush()
+    except EnqueueError as exc:
+        logger.error("%s", exc)
+
+
+atexit.register(flush_or_log)
 
 
 def _forget_after_fork() -> None:

@@ -189,7 +189,7 @@ def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
     msg, body = build(task.name, task, args, kwargs, **options)
     if runs_eagerly():
         return run_eager(task, msg)
-    publish(msg, body)
+    publish(msg, body, wait=False)
     return results.AsyncResult(msg.id, task=task)
 
 
@@ -249,12 +249,14 @@ def dispatch(outgoing: list[Outgoing]) -> None:
         if runs_eagerly():
             run_eager(registry.find(msg.name), msg)
         else:
-            publish(msg, body)
+            publish(msg, body, wait=False)
 
 
-def publish(msg: message.TaskMessage, body: str | None = None, defer: bool = True) -> None:
+def publish(msg: message.TaskMessage, body: str | None = None, defer: bool = True,
+            wait: bool = True) -> None:
     """Publish ``msg`` now, or when the current transaction commits (``ENQUEUE_ON_COMMIT``;
-    ``defer=False`` publishes now in any case)."""
+    ``defer=False`` publishes now in any case). ``wait=False`` (a user's call) returns before
+    RabbitMQ's confirm, which the end of the request or task collects (broker.Publisher)."""
     encoded, headers, properties = message.encode(msg, body)
     # A task sent while tests capture stays captured, even when its commit comes later.
     captured_by, sent_at = capture, datetime.now(UTC)
@@ -270,7 +272,8 @@ def publish(msg: message.TaskMessage, body: str | None = None, defer: bool = Tru
         if sink is not None:
             sink(encoded, headers, msg.queue, msg.priority, sent_at)
         else:
-            broker.publisher().publish(encoded, headers, properties, msg.queue, msg.priority)
+            broker.publisher().publish(encoded, headers, properties, msg.queue, msg.priority,
+                                       wait=wait)
         signals.after_task_publish.send(sender=msg.name, body=body_parts, exchange="",
                                         routing_key=msg.queue, headers=headers)
 
@@ -310,5 +313,5 @@ def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
 
     msg, body = build(name, None, args, kwargs, queue=queue, priority=priority,
                       countdown=countdown, eta=eta, task_id=task_id)
-    publish(msg, body)
+    publish(msg, body, wait=False)
     return results.AsyncResult(msg.id, task=registry.find(name))

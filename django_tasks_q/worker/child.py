@@ -14,7 +14,8 @@ from typing import Any
 
 from django.db import DatabaseError, close_old_connections, connections
 
-from .. import execute, signals, workflow
+from .. import broker, execute, signals, workflow
+from ..exceptions import EnqueueError
 from ..message import TaskMessage
 
 logger = logging.getLogger("django_tasks_q.worker")
@@ -93,8 +94,12 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
         if in_workflow:
             # Worked out here, where the return value is; the parent publishes them.
             outcome.follow = workflow.follow_ups(msg, outcome)
+        # What the task sent is confirmed before its own message is acknowledged.
+        broker.flush()
     except Exception as exc:  # noqa: BLE001 - the outcome could not be stored
-        if isinstance(exc, DatabaseError):  # the database went away: no traceback needed
+        if isinstance(exc, EnqueueError):  # what it sent may be lost: run it again
+            logger.error("Task %s[%s]: %s; giving it back", msg.name, msg.id, exc)
+        elif isinstance(exc, DatabaseError):  # the database went away: no traceback needed
             logger.error("Task %s[%s]: outcome could not be stored (%s: %s); giving it back",
                          msg.name, msg.id, type(exc).__name__, str(exc).strip())
         else:  # a bug in storing: keep the traceback

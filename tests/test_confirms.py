@@ -1,0 +1,140 @@
+"""RabbitMQ publisher confirms, read asynchronously: a user's call does not wait for its
+confirm; a waiting call, ``flush()``, a full window and a new connection do what they say."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu import Queue
+
+from django.core.signals import request_finished
+
+from django_tasks_q import broker, message
+from django_tasks_q.exceptions import EnqueueError
+from django_tasks_q.states import TaskState
+from django_tasks_q.worker import child
+
+from . import tasks  # noqa: F401 - registers the task sent below
+from .conftest import require
+
+pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def amqp(settings: Any) -> Iterator[str]:
+    """A fresh queue name; RabbitMQ is the broker, with a small confirm window."""
+    name = f"confirms-{uuid.uuid4().hex[:8]}"
+    settings.TASKS_Q = {"BROKER_URL": require("amqp"), "BROKER_OPTIONS": {"confirm_window": 8},
+                        "DEFAULT_QUEUE": name, "QUEUES": [name]}
+    yield name
+    broker.publisher().close()
+    with broker.connection() as conn, contextlib.suppress(Exception):  # best-effort cleanup
+        conn.default_channel.queue_delete(name)
+
+
+def send(qname: str, wait: bool = False) -> str:
+    msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.multiply", args=[2, 3],
+                              kwargs={}, queue=qname)
+    body, headers, props = message.encode(msg)
+    broker.publisher().publish(body, headers, props, qname, wait=wait)
+    return msg.id
+
+
+def ready(qname: str) -> int:
+    with broker.connection() as conn:
+        return broker.queue_size(conn.default_channel, qname)
+
+
+def unconfirmed(pub: broker.Publisher) -> int:
+    return len(pub._confirms or ()) + len(pub._outbox)
+
+
+def test_a_users_call_does_not_wait_and_flush_reads_every_confirm(amqp: str) -> None:
+    pub = broker.publisher()
+    ids = [send(amqp) for _ in range(5)]
+    # Written, not waited for: nothing read them yet (the window is 8).
+    assert unconfirmed(pub) == 5
+    broker.flush()
+    assert unconfirmed(pub) == 0
+    assert ready(amqp) == len(set(ids)) == 5
+
+
+def test_a_full_window_is_confirmed_before_the_next_message_is_written(amqp: str) -> None:
+    pub = broker.publisher()
+    for _ in range(8):
+        send(amqp)
+    assert unconfirmed(pub) == 8
+    send(amqp)  # the window was full: the 8 are confirmed first, then this one is written
+    assert unconfirmed(pub) == 1
+
+
+def test_a_waiting_call_returns_with_everything_confirmed(amqp: str) -> None:
+    pub = broker.publisher()
+    send(amqp)
+    send(amqp)
+    send(amqp, wait=True)
+    assert unconfirmed(pub) == 0
+    assert ready(amqp) == 3
+
+
+def test_what_a_broken_connection_had_not_confirmed_is_sent_again(amqp: str) -> None:
+    pub = broker.publisher()
+    ids = [send(amqp) for _ in range(3)]
+    assert pub._conn is not None
+    # The socket goes away under the publisher, its three confirms unread.
+    pub._conn.connection.sock.close()
+    broker.flush()  # reconnects, sends the three again, reads their confirms
+    assert unconfirmed(pub) == 0
+    with broker.connection() as conn:
+        channel = conn.default_channel
+        got = []
+        while (raw := channel.basic_get(amqp, no_ack=True)) is not None:
+            got.append(raw.headers["id"])
+    # At least once: each of them is there (twice if RabbitMQ had taken it before the break).
+    assert set(got) == set(ids)
+
+
+def test_refused_messages_raise_naming_them_and_publishing_goes_on(amqp: str) -> None:
+    # A queue that holds one message and refuses (nacks) publishes beyond it.
+    with broker.connection() as conn:
+        Queue(amqp, routing_key=amqp, durable=True, queue_arguments={
+            "x-max-length": 1, "x-overflow": "reject-publish"})(conn.default_channel).declare()
+    first, second, third = send(amqp), send(amqp), send(amqp)
+    with pytest.raises(EnqueueError, match="RabbitMQ refused 2 task message") as info:
+        broker.flush()
+    assert second in str(info.value) and third in str(info.value)
+    assert first not in str(info.value)
+    with broker.connection() as conn:
+        raw = conn.default_channel.basic_get(amqp, no_ack=True)
+    assert raw is not None and raw.headers["id"] == first
+    # The next call works on a fresh connection.
+    send(amqp, wait=True)
+
+
+def test_a_task_run_ends_with_what_it_sent_confirmed(amqp: str) -> None:
+    msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.fan_out", args=[3],
+                              kwargs={}, queue=amqp)
+    outcome = child.run_one(msg, "confirms@test")
+    assert outcome.status == TaskState.SUCCESS
+    assert unconfirmed(broker.publisher()) == 0
+    assert ready(amqp) == 3
+
+
+def test_a_request_ends_with_what_it_sent_confirmed(amqp: str) -> None:
+    send(amqp)
+    send(amqp)
+    request_finished.send(sender=None)
+    assert unconfirmed(broker.publisher()) == 0
+    assert ready(amqp) == 2
+
+
+def test_confirms_can_be_turned_off(amqp: str, settings: Any) -> None:
+    settings.TASKS_Q = {"BROKER_URL": require("amqp"),
+                        "BROKER_OPTIONS": {"confirm_publish": False}}
+    pub = broker.publisher()
+    send(amqp)
+    assert pub._confirms is None and unconfirmed(pub) == 0
