@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kombu import Queue
-
 from django.core.signals import request_finished
+from kombu import Queue
 
 from django_tasks_q import broker, message
 from django_tasks_q.exceptions import EnqueueError
