@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 from django.core.signals import request_finished
+from django.utils import timezone
 from kombu import Queue
 
 from django_tasks_q import broker, message
+from django_tasks_q.admin import results as admin_results
 from django_tasks_q.exceptions import EnqueueError
+from django_tasks_q.models import TaskResult
 from django_tasks_q.states import TaskState
 from django_tasks_q.worker import child
 
@@ -129,6 +132,17 @@ def test_a_request_ends_with_what_it_sent_confirmed(amqp: str) -> None:
     request_finished.send(sender=None)
     assert unconfirmed(broker.publisher()) == 0
     assert ready(amqp) == 2
+
+
+def test_the_admins_retry_returns_once_the_task_is_confirmed(amqp: str) -> None:
+    row = TaskResult.objects.create(task_id="t-1", task_name="tests.tasks.multiply",
+                                    status=TaskState.FAILURE, args=[2, 3], kwargs={},
+                                    queue=amqp, date_done=timezone.now())
+    new = admin_results.resend(row)
+    assert unconfirmed(broker.publisher()) == 0
+    with broker.connection() as conn:
+        raw = conn.default_channel.basic_get(amqp, no_ack=True)
+    assert raw is not None and raw.headers["id"] == new
 
 
 def test_confirms_can_be_turned_off(amqp: str, settings: Any) -> None:

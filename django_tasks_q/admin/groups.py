@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from .. import canvas
+from .. import broker, canvas
 from ..exceptions import EnqueueError, TasksQError
 from ..models import READY_STATES, TaskGroup, TaskResult, TaskState
 from .paging import BoundedChangeList, BoundedPaginator
@@ -83,6 +83,7 @@ def resend(row: TaskGroup) -> str:
         raise TypeError(f"its stored canvas is a {again.get('subtask_type') or 'task'}, "
                         f"not a group or chord")
     handle = again.apply_async()
+    broker.flush()  # on RabbitMQ, its confirms are in before the admin says it was sent
     header = handle if isinstance(handle, GroupResult) else handle.parent
     if not isinstance(header, GroupResult):
         raise TypeError("sent, but no group id came back")

@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from .. import conf, registry
+from .. import broker, conf, registry
 from ..exceptions import EnqueueError, TaskNotRegistered, TasksQError
 from ..models import TaskResult, TaskState
 from .paging import BoundedChangeList, BoundedPaginator
@@ -67,9 +67,12 @@ def resend(row: TaskResult) -> str:
     try:
         task = registry.get(row.task_name)
     except TaskNotRegistered:  # it may live in another service: sent by name
-        return send_task(row.task_name, args, kwargs, queue=queue, priority=row.priority).id
-    task.check_arguments(args, kwargs)
-    return task.apply_async(args=args, kwargs=kwargs, queue=queue, priority=row.priority).id
+        new = send_task(row.task_name, args, kwargs, queue=queue, priority=row.priority).id
+    else:
+        task.check_arguments(args, kwargs)
+        new = task.apply_async(args=args, kwargs=kwargs, queue=queue, priority=row.priority).id
+    broker.flush()  # on RabbitMQ, its confirm is in before the admin says it was sent
+    return new
 
 
 def _recent(request: HttpRequest) -> dict[str, set[str]]:
