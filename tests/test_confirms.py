@@ -4,6 +4,7 @@ confirm; a waiting call, ``flush()``, a full window and a new connection do what
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ from django.core.signals import request_finished
 from django.utils import timezone
 from kombu import Queue
 
-from django_tasks_q import broker, message
+from django_tasks_q import broker, execute, message
 from django_tasks_q.admin import results as admin_results
 from django_tasks_q.exceptions import EnqueueError
 from django_tasks_q.models import TaskResult
@@ -53,6 +54,13 @@ def ready(qname: str) -> int:
 
 def unconfirmed(pub: broker.Publisher) -> int:
     return len(pub._confirms or ()) + len(pub._outbox)
+
+
+def _one_message_queue(name: str) -> None:
+    """Declare ``name`` as a queue that holds one message and refuses (nacks) any beyond it."""
+    with broker.connection() as conn:
+        Queue(name, routing_key=name, durable=True, queue_arguments={
+            "x-max-length": 1, "x-overflow": "reject-publish"})(conn.default_channel).declare()
 
 
 def test_a_users_call_does_not_wait_and_flush_reads_every_confirm(amqp: str) -> None:
@@ -101,10 +109,7 @@ def test_what_a_broken_connection_had_not_confirmed_is_sent_again(amqp: str) -> 
 
 
 def test_refused_messages_raise_naming_them_and_publishing_goes_on(amqp: str) -> None:
-    # A queue that holds one message and refuses (nacks) publishes beyond it.
-    with broker.connection() as conn:
-        Queue(amqp, routing_key=amqp, durable=True, queue_arguments={
-            "x-max-length": 1, "x-overflow": "reject-publish"})(conn.default_channel).declare()
+    _one_message_queue(amqp)
     first, second, third = send(amqp), send(amqp), send(amqp)
     with pytest.raises(EnqueueError, match="RabbitMQ refused 2 task message") as info:
         broker.flush()
@@ -124,6 +129,17 @@ def test_a_task_run_ends_with_what_it_sent_confirmed(amqp: str) -> None:
     assert outcome.status == TaskState.SUCCESS
     assert unconfirmed(broker.publisher()) == 0
     assert ready(amqp) == 3
+
+
+def test_a_task_whose_sends_were_refused_is_given_back(
+        amqp: str, caplog: pytest.LogCaptureFixture) -> None:
+    _one_message_queue(amqp)
+    msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.fan_out", args=[3],
+                              kwargs={}, queue=amqp)
+    with caplog.at_level(logging.ERROR, "django_tasks_q.worker"):
+        outcome = child.run_one(msg, "confirms@test")
+    assert outcome.status == execute.REQUEUE  # run again, rather than lose what it sends
+    assert f"tests.tasks.fan_out[{msg.id}]: RabbitMQ refused 2 task message" in caplog.text
 
 
 def test_a_request_ends_with_what_it_sent_confirmed(amqp: str) -> None:

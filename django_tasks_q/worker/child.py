@@ -96,7 +96,7 @@ def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
             outcome.follow = workflow.follow_ups(msg, outcome)
         # What the task sent is confirmed before its own message is acknowledged.
         broker.flush()
-    except Exception as exc:  # noqa: BLE001 - the outcome could not be stored
+    except Exception as exc:  # noqa: BLE001 - not stored, or what it sent not confirmed
         if isinstance(exc, EnqueueError):  # what it sent may be lost: run it again
             logger.error("Task %s[%s]: %s; giving it back", msg.name, msg.id, exc)
         elif isinstance(exc, DatabaseError):  # the database went away: no traceback needed
