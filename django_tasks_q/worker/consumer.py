@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -82,6 +83,10 @@ class Consumer:
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
         self._acking: list[_Finished] = []  # acknowledged together shortly (_ack_soon)
         self._acks_sent: list[Job] = []  # their acknowledgements were sent, maybe not applied
+        # AMQP: the channel's delivered and unsettled messages by tag, oldest first; and those
+        # that finished during this turn of the loop, acknowledged at its end (_ack_turn).
+        self._unsettled: dict[int, Job] | None = None
+        self._acks_due: list[Job] = []
         self._unreachable = False
         self._received = False  # a message arrived since the watchdog last looked
         self._strikes = 0
@@ -161,6 +166,7 @@ class Consumer:
         self.kombu = KombuConsumer(conn.channel(), queues=broker.declare(conn, self.queues),
                                    on_message=self.on_message,
                                    accept=list(conf.get().ACCEPT_CONTENT))
+        self._unsettled = {} if conn.transport.driver_type == "amqp" else None
         # RabbitMQ applies a per-consumer limit only to consumers created after it, and makes
         # one consumer per queue; a limit for the channel covers all queues and can be widened
         # later (messages held until due, or waiting to be parked).
@@ -306,6 +312,10 @@ class Consumer:
         # connected again (_flush_acks).
         for finished in self._acking:
             finished.job.stale = True
+        # Finished this turn: RabbitMQ hands them out again with the rest of the channel's.
+        for job in self._acks_due:
+            job.stale = True
+        self._acks_due = []
         # Sent, perhaps not applied: sent again (it is harmless twice) from the next connection.
         self._orphans.extend((job, ACK) for job in self._acks_sent)
         self._acks_sent = []
@@ -350,6 +360,8 @@ class Consumer:
             self._settle(Job(None, raw), DROP)  # type: ignore[arg-type]
             return
         job = Job(msg, raw)
+        if self._unsettled is not None:
+            self._unsettled[raw.delivery_tag] = job
         for watcher in self.watchers:
             watcher.received(job)
         due = _due(msg)
@@ -410,6 +422,11 @@ class Consumer:
         qos: Any = getattr(self._channel, "qos", None)
         later = hasattr(qos, "ack_later") and not job.stale and not job.settled
         if outcome.unstored is None and not later:
+            if self._unsettled is not None and not job.stale:
+                self._acks_due.append(job)
+                if len(self._acks_due) == 1:
+                    self.hub.call_soon(self._ack_turn)
+                return
             self._settle(job, ACK)
             return
         if later:
@@ -423,9 +440,34 @@ class Consumer:
         elif len(self._acking) == 1:
             self.hub.call_later(ACK_DELAY, self._flush_acks)
 
+    def _ack_turn(self) -> None:
+        """Acknowledge on AMQP what finished during the last turn of the loop."""
+        due, self._acks_due = self._acks_due, []
+        self._ack_finished(due)
+
+    def _ack_finished(self, due: list[Job]) -> None:
+        """Acknowledge ``due`` (finished jobs). On AMQP, those that come first among the
+        channel's unsettled messages go in one ``basic.ack`` that covers them all
+        (``multiple``); a message held for any other reason ends that run, so nothing is
+        acknowledged that has not finished. The others are acknowledged one by one."""
+        finished = set(due)
+        run: list[Job] = []
+        for job in (self._unsettled or {}).values():
+            if job not in finished:
+                break
+            run.append(job)
+        if len(run) > 1:
+            for job in run:
+                self._settled(job)
+            self._acknowledge(run, lambda: run[-1].message.ack(multiple=True))
+        for job in due:
+            self._settle(job, ACK)  # those not in the run
+
     def _flush_acks(self, confirm: bool = False) -> None:
         """Store and acknowledge what ``_ack_soon`` collected; with ``confirm``, wait until the
         broker has applied every acknowledgement sent (before the connection closes)."""
+        if self._acks_due:  # AMQP: not to wait for the end of the turn (shutdown)
+            self._ack_turn()
         done, self._acking = self._acking, []
         if not (done or (confirm and self._acks_sent)):
             return
@@ -463,9 +505,7 @@ class Consumer:
             self._acks_sent = []
             raise
         finally:
-            for f in done:
-                if not f.later:
-                    self._settle(f.job, ACK)
+            self._ack_finished([f.job for f in done if not f.later])
 
     def _give_back(self, done: list[_Finished]) -> None:
         """Give finished jobs whose results could not be stored back to the broker, a little
@@ -748,25 +788,33 @@ class Consumer:
         """Acknowledge (``ACK``), give back (``REQUEUE``) or drop (``DROP``) job's message."""
         if job.settled:
             return
-        job.settled = True
+        self._settled(job)
         if job.stale:
             self._orphans.append((job, how))
             if self._connected:
                 self._settle_orphans()
             return
+        self._acknowledge([job], job.message.ack if how == ACK else functools.partial(
+            job.message.reject, requeue=how == REQUEUE), how)
+
+    def _settled(self, job: Job) -> None:
+        job.settled = True
+        if self._unsettled is not None and self._unsettled.get(job.message.delivery_tag) is job:
+            del self._unsettled[job.message.delivery_tag]
+
+    def _acknowledge(self, jobs: list[Job], send: Callable[[], Any], how: str = ACK) -> None:
+        """``send()`` the broker what settles ``jobs`` (marked settled already)."""
         try:
-            if how == ACK:
-                job.message.ack()
-            else:
-                job.message.reject(requeue=how == REQUEUE)
+            send()
         except self.connection.connection_errors + self.connection.channel_errors:
-            # The connection died under the ack: settle it by tag once reconnected, or the
-            # broker would hand the message out again after its visibility timeout.
-            job.stale = True
-            self._orphans.append((job, how))
+            # The connection died under the ack: settle them by tag once reconnected, or the
+            # broker would hand them out again after their visibility timeout.
+            for job in jobs:
+                job.stale = True
+                self._orphans.append((job, how))
             raise
         except Exception:  # noqa: BLE001 - e.g. already acknowledged
-            logger.exception("Could not settle message %s", _label(job))
+            logger.exception("Could not settle message %s", ", ".join(map(_label, jobs)))
 
 
 @dataclasses.dataclass(eq=False)
