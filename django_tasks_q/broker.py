@@ -337,12 +337,12 @@ class Publisher:
         held unconfirmed, which the error names."""
         lost = [item for item in self._reset() if item.headers.get("id") != task_id]
         error = exc if isinstance(exc, EnqueueError) else EnqueueError(
-            f"Could not publish to {safe_url(self.url)} ({type(exc).__name__}: {exc}); the "
-            f"task was not sent")
+            f"Could not publish to {safe_url(self.url)} ({type(exc).__name__}: {exc})"
+            + ("; the task was not sent" if task_id is not None else ""))
         if lost:
             # Their callers have returned: this log is where they are heard of.
-            error = EnqueueError(f"{error}; nor were {len(lost)} task message(s) sent before "
-                                 f"it that RabbitMQ had not confirmed ({_ids(lost)})")
+            error = EnqueueError(f"{error}; {len(lost)} task message(s) sent earlier that "
+                                 f"RabbitMQ had not confirmed were not sent ({_ids(lost)})")
             logger.error("%s", error)
         if error is exc:
             raise exc

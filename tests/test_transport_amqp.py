@@ -10,6 +10,7 @@ import pytest
 from amqp import Message
 
 from django_tasks_q import message
+from django_tasks_q.transport import amqp as amqp_transport
 from django_tasks_q.transport.amqp import TaskContent
 
 
@@ -48,3 +49,10 @@ def test_every_property_encodes_to_the_same_bytes() -> None:
         cluster_id="x")
     assert ours == theirs
     assert _both() == (b"\x00\x00", b"\x00\x00")
+
+
+def test_header_names_are_cached_up_to_a_bound() -> None:
+    headers = {f"name-{i}": i for i in range(amqp_transport.KEYS_CACHED + 10)}
+    ours, theirs = _both(application_headers=headers)
+    assert ours == theirs
+    assert len(amqp_transport._keys) <= amqp_transport.KEYS_CACHED

@@ -24,13 +24,17 @@ _INT32 = 2**31
 
 #: Encoded keys (their length octet and UTF-8 bytes): header names repeat on every message.
 _keys: dict[str, bytes] = {}
+#: Beyond this many names, keys are encoded each time (headers named by data stay uncached).
+KEYS_CACHED = 1024
 
 
 def _key(name: str) -> bytes:
     encoded = _keys.get(name)
     if encoded is None:
         raw = name.encode("utf-8", "surrogatepass")
-        encoded = _keys[name] = bytes((len(raw),)) + raw
+        encoded = bytes((len(raw),)) + raw
+        if len(_keys) < KEYS_CACHED:
+            _keys[name] = encoded
     return encoded
 
 
