@@ -27,7 +27,7 @@ class Confirms(Generic[T]):
         self._refused: list[T] = []
         self._tag = 0
         channel.confirm_select()
-        channel.events["basic_ack"].add(self._acked)
+        channel.events["basic_ack"].add(self._settle)
         channel.events["basic_nack"].add(self._nacked)
 
     def __len__(self) -> int:
@@ -57,6 +57,7 @@ class Confirms(Generic[T]):
         return refused
 
     def _settle(self, tag: int, multiple: bool) -> list[T]:
+        """Forget what a confirm covers (``basic.ack`` calls this directly); return it."""
         if not multiple:
             item = self._unconfirmed.pop(tag, None)
             return [] if item is None else [item]
@@ -66,9 +67,6 @@ class Confirms(Generic[T]):
                 break
             done.append(self._unconfirmed.pop(t))
         return done
-
-    def _acked(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle(delivery_tag, multiple)
 
     def _nacked(self, delivery_tag: int, multiple: bool) -> None:
         self._refused.extend(self._settle(delivery_tag, multiple))
