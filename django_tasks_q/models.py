@@ -21,7 +21,7 @@ __all__ = ["READY_STATES", "ParkedMessage", "PeriodicRun", "PeriodicTask", "Queu
 class TaskResult(models.Model):
     """The stored outcome of one task: failures always (by default), successes when asked."""
 
-    task_id = models.CharField(max_length=255, unique=True)
+    task_id = models.CharField(max_length=255)  # unique: see Meta.constraints
     task_name = models.CharField(max_length=255)
     status = models.CharField(max_length=20, choices=TaskState.choices,
                               default=TaskState.PENDING)
@@ -34,11 +34,11 @@ class TaskResult(models.Model):
     queue = models.CharField(max_length=255, blank=True)
     retries = models.PositiveIntegerField(default=0)
     priority = models.PositiveSmallIntegerField(null=True, blank=True)
-    root_id = models.CharField(max_length=255, blank=True, db_default="", db_index=True,
+    root_id = models.CharField(max_length=255, blank=True, db_default="",
                                help_text="The first task of the workflow this task is part of.")
     parent_id = models.CharField(max_length=255, blank=True, db_default="",
                                  help_text="The task that sent this one (a chain's step before).")
-    group_id = models.CharField(max_length=255, blank=True, db_default="", db_index=True,
+    group_id = models.CharField(max_length=255, blank=True, db_default="",
                                 help_text="The group or chord this task is a member of.")
     # Not auto_now_add: the row is written once, when the task is done, with one clock reading.
     date_created = models.DateTimeField(default=timezone.now)
@@ -54,7 +54,13 @@ class TaskResult(models.Model):
             models.Index(fields=["status", "-date_done"], name="dtq_result_status_done"),
             models.Index(fields=["task_name", "-date_done"], name="dtq_result_task_done"),
             models.Index(fields=["queue", "-date_done"], name="dtq_result_queue_done"),
+            # Ids are looked up whole, never by prefix. Declared here rather than with
+            # unique=/db_index= on the fields, which on PostgreSQL would add to each a second
+            # index (varchar_pattern_ops, for LIKE) that every stored outcome pays for.
+            models.Index(fields=["root_id"], name="dtq_result_root"),
+            models.Index(fields=["group_id"], name="dtq_result_group"),
         ]
+        constraints = [models.UniqueConstraint(fields=["task_id"], name="dtq_result_task_id")]
         permissions = [("retry_taskresult", "Can retry a task from its stored result")]
 
     def __str__(self) -> str:

@@ -355,3 +355,9 @@ def test_a_project_without_tasks_q_checks_clean_without_touching_the_database() 
         finally:
             conf.get.cache_clear()
     assert found == []
+
+
+@pytest.mark.django_db
+def test_the_models_and_their_migrations_agree() -> None:
+    # Exits (SystemExit 1) when a model change has no migration.
+    call_command("makemigrations", "django_tasks_q", "--check", "--dry-run", verbosity=0)
