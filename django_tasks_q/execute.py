@@ -87,11 +87,13 @@ def exception_info(exc: BaseException) -> dict[str, str]:
 
 
 def result_row(msg: TaskMessage, status: str, *, result: Any = None, traceback: str = "",
-               worker: str = "", date_started: datetime | None = None) -> TaskResult:
-    """The ``TaskResult`` row (unsaved) that records ``status`` for ``msg``."""
+               worker: str = "", date_started: datetime | None = None,
+               now: datetime | None = None) -> TaskResult:
+    """The ``TaskResult`` row (unsaved) that records ``status`` for ``msg``, written ``now``
+    (the time of its batch)."""
     from .models import TaskResult  # models load once the app registry is ready
 
-    now = timezone.now()
+    now = now or timezone.now()
     return TaskResult(
         task_id=msg.id, task_name=msg.name, status=status, args=msg.args, kwargs=msg.kwargs,
         result=result, traceback=traceback, worker=worker, queue=msg.queue,
@@ -101,15 +103,17 @@ def result_row(msg: TaskMessage, status: str, *, result: Any = None, traceback: 
     )
 
 
+#: What a new outcome replaces in the row a task has already (a retry's, or its start's).
+UPDATED_ON_CONFLICT = ("status", "result", "traceback", "worker", "queue", "retries", "priority",
+                       "date_started", "date_done")
+
+
 def store_rows(rows: list[TaskResult]) -> None:
     """Write ``rows`` in one statement (insert, or update the existing row of a task)."""
     from .models import TaskResult
 
-    TaskResult.objects.bulk_create(
-        rows, update_conflicts=True, unique_fields=["task_id"],
-        update_fields=["status", "result", "traceback", "worker", "queue", "retries",
-                       "priority", "date_started", "date_done"],
-    )
+    TaskResult.objects.bulk_create(rows, update_conflicts=True, unique_fields=["task_id"],
+                                   update_fields=UPDATED_ON_CONFLICT)
 
 
 def store(msg: TaskMessage, status: str, *, result: Any = None, traceback: str = "",
@@ -156,8 +160,8 @@ class Outcome(ByPosition):
     #: links, a chord's body (see ``workflow.follow_ups``).
     follow: list[tuple[TaskMessage, str]] = field(default_factory=list)
     #: A success to be stored (``results="all"``) by the worker, together with others, before
-    #: its message is acknowledged: the return value and when the run started.
-    unstored: tuple[Any, datetime] | None = None
+    #: its message is acknowledged: the return value as JSON text, and when the run started.
+    unstored: tuple[str, datetime] | None = None
     # Only kept in the process that ran the task, never sent between processes:
     value: Any = None
     exc: BaseException | None = None
@@ -322,7 +326,7 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
     if kept(task, msg) == "all":
         try:
             # Checked before the write: a failed write would spoil the caller's transaction.
-            json.dumps(value, cls=DjangoJSONEncoder)
+            encoded = json.dumps(value, cls=DjangoJSONEncoder)
         except (TypeError, ValueError) as exc:
             bad = TypeError(f"the return value ({type(value).__name__}) cannot be stored as "
                             f"JSON: {exc}; return plain data, or use results='errors'")
@@ -331,7 +335,7 @@ def _invoke(task: Task[Any, Any], msg: TaskMessage, hostname: str, started: date
             _failed(task, msg, bad, "")
             return outcome
         if store_later:
-            unstored = (value, started)
+            unstored = (encoded, started)
         else:
             store(msg, TaskState.SUCCESS, result=value, worker=hostname, date_started=started)
     task.on_success(value, msg.id, msg.args, msg.kwargs)

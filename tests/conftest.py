@@ -7,6 +7,7 @@ import socket
 from urllib.parse import urlparse
 
 import pytest
+from django.db import connection as db_connection
 
 SERVICES = {
     "redis": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9"),
@@ -59,6 +60,18 @@ def redis_url() -> str:
 def amqp_url() -> str:
     """A reachable RabbitMQ."""
     return require("amqp")
+
+
+@pytest.fixture
+def postgres() -> None:
+    """The test database is PostgreSQL: skipped loudly otherwise, a failure under CI=true."""
+    require("postgres")
+    if db_connection.vendor != "postgresql":
+        message = ("needs the test database on PostgreSQL: run with "
+                   "DATABASE_URL=postgres://postgres@127.0.0.1:5432/test")
+        if in_ci():
+            pytest.fail(message + " (CI=true: a missing service is a failure)")
+        pytest.skip(message)
 
 
 @pytest.fixture

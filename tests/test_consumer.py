@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 from django.db import OperationalError
-from django.db import connection as db_connection
-from django.test.utils import CaptureQueriesContext
 from kombu import Connection, Producer
 
-from django_tasks_q import AsyncResult, broker, execute, message
+from django_tasks_q import AsyncResult, broker, message
 from django_tasks_q.models import TaskResult
 from django_tasks_q.worker import consumer as consumer_module
+from django_tasks_q.worker import writer as writer_module
 from django_tasks_q.worker.consumer import Consumer
 from django_tasks_q.worker.main import Worker, WorkerOptions
 from django_tasks_q.worker.pool import POOLS, Job
@@ -67,27 +66,49 @@ def test_runs_tasks_and_stores_what_is_asked(pool: str) -> None:
 def test_successes_kept_under_all_are_stored_together_before_their_acks(settings: Any) -> None:
     settings.TASKS_Q = {**settings.TASKS_Q, "RESULTS": "all"}
     sent = [tasks.multiply.delay(n, 2) for n in range(12)]
-    with CaptureQueriesContext(db_connection) as queries:
-        assert run_until("solo", 12) == [("tests.tasks.multiply", "SUCCESS")] * 12
+    assert run_until("solo", 12) == [("tests.tasks.multiply", "SUCCESS")] * 12
     assert [r.get(timeout=1) for r in sent] == [n * 2 for n in range(12)]
-    writes = [q["sql"] for q in queries if q["sql"].startswith("INSERT")]
-    assert 1 <= len(writes) < 12  # several rows per statement
+    # The rows of one batch share their date_done: several rows per statement.
+    assert 1 <= TaskResult.objects.values("date_done").distinct().count() < 12
     assert queue_size() == 0
+
+
+@pytest.mark.parametrize("short", [True, False], ids=["short-tasks", "long-tasks"])
+def test_short_tasks_storing_rows_get_room_in_the_window_while_they_do(
+        settings: Any, monkeypatch: pytest.MonkeyPatch, short: bool) -> None:
+    # Finished tasks hold their slots (memory://, as RabbitMQ) until their rows are written.
+    settings.TASKS_Q = {**settings.TASKS_Q, "RESULTS": "all"}
+    if not short:
+        monkeypatch.setattr(consumer_module, "QUEUE_BEHIND_UNDER", 0.0)  # every task is long
+    windows: list[int] = []
+    monkeypatch.setattr(Consumer, "_set_prefetch", lambda self: windows.append(self._window()))
+    for n in range(6):
+        tasks.multiply.delay(n, 2)
+    pool = POOLS["solo"](1, "t", on_done=lambda j, o: None)
+    consumer = Consumer(["default"], pool, "t", prefetch=4)
+    assert len(run_consumer(consumer, 6, 15)) == 6
+    room = [w for w in windows if w == 4 + consumer_module.ROW_ROOM]
+    assert bool(room) is short and set(windows) <= {4, 4 + consumer_module.ROW_ROOM}
+    windows.clear()
+    consumer._check_row_room()  # short tasks stored rows since the last look: kept
+    consumer._check_row_room()  # none since: taken back
+    assert windows == ([4] if short else [])
+    assert TaskResult.objects.filter(status="SUCCESS").count() == 6
 
 
 def test_successes_whose_rows_cannot_be_written_are_given_back_and_run_again(
         settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.TASKS_Q = {**settings.TASKS_Q, "RESULTS": "all"}
     monkeypatch.setattr(consumer_module, "REQUEUE_DELAY", 0.05)
-    real, failures = execute.store_rows, []
+    real, failures = writer_module.store_success, []
 
-    def store_once_failing(rows: list[TaskResult]) -> None:
+    def store_once_failing(done: list[Any], hostname: str) -> None:
         if not failures:
-            failures.append(len(rows))
+            failures.append(len(done))
             raise OperationalError("the database went away")
-        real(rows)
+        real(done, hostname)
 
-    monkeypatch.setattr(execute, "store_rows", store_once_failing)
+    monkeypatch.setattr(writer_module, "store_success", store_once_failing)
     sent = [tasks.multiply.delay(n, 3) for n in range(3)]
     ran = run_until("solo", 3 + 3, timeout=10)  # some ran twice: given back, not lost
     assert failures and len(ran) == 3 + failures[0]

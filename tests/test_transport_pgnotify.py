@@ -23,7 +23,6 @@ from django_tasks_q.worker.pool import POOLS, Job
 from django_tasks_q.worker.state import Watcher
 
 from . import tasks
-from .conftest import in_ci, require
 from .running import run_consumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -36,18 +35,6 @@ on_postgres = [pytest.mark.broker, pytest.mark.postgres]  # the integration pass
 @pytest.fixture(autouse=True)
 def _registered() -> None:
     register()
-
-
-@pytest.fixture
-def postgres() -> None:
-    """The test database is PostgreSQL: skipped loudly otherwise, a failure under CI=true."""
-    require("postgres")
-    if connection.vendor != "postgresql":
-        message = ("needs the test database on PostgreSQL: run with "
-                   "DATABASE_URL=postgres://postgres@127.0.0.1:5432/test")
-        if in_ci():
-            pytest.fail(message + " (CI=true: a missing service is a failure)")
-        pytest.skip(message)
 
 
 @pytest.fixture

@@ -27,9 +27,10 @@ from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
 from ..models import TaskResult, TaskState
 from ..outage import Outage
 from .parking import PARK_AFTER, PARK_BATCH, PARK_COLLECT, Parking
-from .pool import LOST, Job, Pool
+from .pool import LOST, QUEUE_BEHIND_UNDER, Job, Pool
 from .ratelimit import RateLimits
 from .state import Tally, Watcher
+from .writer import ResultWriter
 
 if TYPE_CHECKING:
     from .events import Events
@@ -44,6 +45,12 @@ REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be store
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
 ACK_DELAY = 0.010  # seconds an acknowledgement may wait to be sent with others (_ack_soon)
 ACK_BATCH = 64  # acknowledgements sent at once without waiting for ACK_DELAY
+#: Prefetch slots added while short tasks store success rows (``results="all"``) where a
+#: finished message holds its slot until acknowledged (RabbitMQ, django://): room for those
+#: waiting for their batch to be written, so that the pool does not wait with them. Long tasks
+#: do not need it, and would only be prefetched away from other workers into it.
+ROW_ROOM = 64
+ROW_ROOM_CHECK = 1.0  # seconds without such a short task before the room is taken back
 FETCH_DELAY = 0.010  # seconds a fetch of a few messages may wait for more room (_defer_fetch)
 POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take
 WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
@@ -82,6 +89,9 @@ class Consumer:
         self._connected = False
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
         self._acking: list[_Finished] = []  # acknowledged together shortly (_ack_soon)
+        self._writer = ResultWriter(hostname, self._written)  # their success rows, first
+        self._row_room = 0  # ROW_ROOM while short tasks store success rows
+        self._short_rows = False  # one did since the last _check_row_room
         self._acks_sent: list[Job] = []  # their acknowledgements were sent, maybe not applied
         # AMQP: the channel's delivered and unsettled messages by tag, oldest first; and those
         # that finished during this turn of the loop, acknowledged at its end (_ack_turn).
@@ -110,6 +120,12 @@ class Consumer:
     def run(self, wakeup_fd: int | None = None,
             on_wakeup: Callable[[], None] | None = None) -> None:
         """Consume until a warm shutdown has drained the pool, or a cold one is asked for."""
+        try:
+            self._run(wakeup_fd, on_wakeup)
+        finally:
+            self._writer.stop()
+
+    def _run(self, wakeup_fd: int | None, on_wakeup: Callable[[], None] | None) -> None:
         attempt = 0
         while not (self.cold or self.stopping):
             conn = broker.connection()
@@ -161,6 +177,7 @@ class Consumer:
         self.connection = conn
         hub = self.hub = Hub()
         self.pool.register(hub)
+        self._writer.register(hub)
         if wakeup_fd is not None and on_wakeup is not None:
             hub.add_reader(wakeup_fd, on_wakeup)
         self.kombu = KombuConsumer(conn.channel(), queues=broker.declare(conn, self.queues),
@@ -187,6 +204,7 @@ class Consumer:
             self.on_ready = None
         hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
         hub.call_repeatedly(RELEASE_INTERVAL, self._release_parked)
+        hub.call_repeatedly(ROW_ROOM_CHECK, self._check_row_room)
         self._received, self._strikes, self._stalled = False, 0, False
         hub.call_repeatedly(self.watchdog_interval, self._watchdog)
         self._channel = self.kombu.channel
@@ -310,7 +328,7 @@ class Consumer:
         self._connected = False
         # Acknowledged here, not yet in the broker: stored and then acknowledged by tag once
         # connected again (_flush_acks).
-        for finished in self._acking:
+        for finished in [*self._acking, *(self._writer.writing or [])]:
             finished.job.stale = True
         # Finished this turn: RabbitMQ hands them out again with the rest of the channel's.
         for job in self._acks_due:
@@ -432,10 +450,15 @@ class Consumer:
         if later:
             job.settled = True
             qos.ack_later(job.message.delivery_tag)
+        elif outcome.runtime < QUEUE_BEHIND_UNDER:
+            self._short_rows = True
+            if not self._row_room:
+                self._row_room = ROW_ROOM
+                self._set_prefetch()
         self._acking.append(_Finished(job, outcome.unstored, later))
         # Those not acknowledged here yet hold their prefetch slots: sent before they fill half
         # the window.
-        if len(self._acking) >= (ACK_BATCH if later else max(1, self.prefetch // 2)):
+        if len(self._acking) >= (ACK_BATCH if later else (self.prefetch + self._row_room) // 2):
             self._flush_acks()
         elif len(self._acking) == 1:
             self.hub.call_later(ACK_DELAY, self._flush_acks)
@@ -465,28 +488,41 @@ class Consumer:
 
     def _flush_acks(self, confirm: bool = False) -> None:
         """Store and acknowledge what ``_ack_soon`` collected; with ``confirm``, wait until the
-        broker has applied every acknowledgement sent (before the connection closes)."""
+        broker has applied every acknowledgement sent (before the connection closes).
+
+        Success rows are written by the result writer's thread while the loop goes on; their
+        batch is acknowledged once written (``_written``). What finishes meanwhile goes in the
+        next batch, ``ACK_DELAY`` after that (or sooner, once it is large); with ``confirm``
+        the writer is waited for, and the rest is stored here."""
         if self._acks_due:  # AMQP: not to wait for the end of the turn (shutdown)
             self._ack_turn()
+        if self._writer.busy:
+            if not confirm:
+                return  # the writer flushes again when it is done
+            self._writer.wait()
         done, self._acking = self._acking, []
         if not (done or (confirm and self._acks_sent)):
             return
-        rows = [execute.result_row(f.job.msg, TaskState.SUCCESS, result=f.unstored[0],
-                                   worker=self.hostname, date_started=f.unstored[1])
-                for f in done if f.unstored is not None]
-        if rows:
-            try:
-                execute.store_rows(rows)
-            except DatabaseError as exc:
-                # Every time (they run again), while the outage itself is announced once.
-                logger.warning("Could not store the results of %d finished task(s) (%s: %s); "
-                               "giving them back", len(rows), type(exc).__name__,
-                               str(exc).strip())
-                self._database_failed("Could not store task results", exc)
-                self._give_back([f for f in done if f.unstored is not None])
-                done = [f for f in done if f.unstored is None]
-            else:
-                self._database_ok()
+        if not confirm and any(f.unstored is not None for f in done):
+            self._writer.submit(done)
+            return
+        self._written(done, self._writer.write(done), confirm)
+
+    def _written(self, done: list[_Finished], error: DatabaseError | None,
+                 confirm: bool = False) -> None:
+        """Acknowledge ``done`` now that its success rows are stored, or give those with rows
+        back when ``error`` kept them from the database."""
+        if error is not None:
+            stored = [f for f in done if f.unstored is not None]
+            # Every time (they run again), while the outage itself is announced once.
+            logger.warning("Could not store the results of %d finished task(s) (%s: %s); "
+                           "giving them back", len(stored), type(error).__name__,
+                           str(error).strip())
+            self._database_failed("Could not store task results", error)
+            self._give_back(stored)
+            done = [f for f in done if f.unstored is None]
+        elif any(f.unstored is not None for f in done):
+            self._database_ok()
         # Those received on a connection now gone are acknowledged by tag from the next one.
         self._orphans.extend((f.job, ACK) for f in done if f.later and f.job.stale)
         sent = [f.job for f in done if f.later and not f.job.stale]
@@ -506,6 +542,9 @@ class Consumer:
             raise
         finally:
             self._ack_finished([f.job for f in done if not f.later])
+        if self._acking and not confirm:
+            # What finished while this batch was written: in the next, once it has grown.
+            self.hub.call_later(ACK_DELAY, self._flush_acks)
 
     def _give_back(self, done: list[_Finished]) -> None:
         """Give finished jobs whose results could not be stored back to the broker, a little
@@ -541,8 +580,18 @@ class Consumer:
 
     def _window(self) -> int:
         """Unacknowledged messages to allow: the prefetch, plus room for those waiting to be
-        parked or held until due, which would otherwise starve the pool."""
-        return self.prefetch + len(self.delayed) + (PARK_BATCH if self._to_park else 0)
+        parked, held until due, or acknowledged after their rows, which would otherwise starve
+        the pool."""
+        return (self.prefetch + len(self.delayed) + (PARK_BATCH if self._to_park else 0)
+                + self._row_room)
+
+    def _check_row_room(self) -> None:
+        """Take the room for rows back once short tasks have stopped storing them (one change
+        of the window a second at most: RabbitMQ answers each)."""
+        if self._row_room and not self._short_rows:
+            self._row_room = 0
+            self._set_prefetch()
+        self._short_rows = False
 
     def _set_prefetch(self) -> None:
         if self.kombu is not None:
@@ -822,8 +871,12 @@ class _Finished:
     """A job that ended well, waiting to be acknowledged with others (``_ack_soon``)."""
 
     job: Job
-    unstored: tuple[Any, datetime] | None  # its success row, to write first
+    unstored: tuple[str, datetime] | None  # its success row, to write first (execute.Outcome)
     later: bool  # acknowledged here already: the broker is told by tag
+
+    @property
+    def msg(self) -> message.TaskMessage:
+        return self.job.msg
 
 
 def _label(job: Job) -> str:
