@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cron_descriptor import ExpressionDescriptor, Options
 from croniter import CroniterBadDateError, croniter
 
 #: How near a DST change a time must be for the crontab maths to take it into account.
@@ -184,6 +183,10 @@ Schedule = Crontab | Interval | Once
 def describe(schedule: Schedule, tz: ZoneInfo) -> str:
     """The schedule in words; times of day on the clock of ``tz`` (a crontab's own zone wins)."""
     if isinstance(schedule, Crontab):
+        # Its translations cost a worker memory and start-up time for words only the admin
+        # shows: loaded on first use.
+        from cron_descriptor import ExpressionDescriptor, Options
+
         options = Options()
         options.use_24hour_time_format = True
         words = ExpressionDescriptor(schedule.expr, options).get_description()
