@@ -311,11 +311,10 @@ class Publisher:
             item = self._outbox[0]
             # Straight to py-amqp, as kombu's producer would send it, with the headers encoded
             # faster (transport/amqp.py).
-            channel.basic_publish(amqp_transport.TaskContent(
+            amqp_transport.publish(channel, item.queue_name, amqp_transport.TaskContent(
                 item.body.encode(), content_type="application/json", content_encoding="utf-8",
                 application_headers=item.headers, delivery_mode=2,
-                priority=wire_priority(self._conn, item.priority), **item.properties),
-                exchange="", routing_key=item.queue_name)
+                priority=wire_priority(self._conn, item.priority), **item.properties))
             self._confirms.sent(self._outbox.popleft())
 
     def _collect(self) -> None:

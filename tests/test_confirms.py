@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from amqp import Connection as AMQPConnection
 from django.core.signals import request_finished
 from django.utils import timezone
 from kombu import Queue
@@ -40,21 +39,6 @@ def amqp(settings: Any) -> Iterator[str]:
         conn.default_channel.queue_delete(name)
 
 
-@pytest.fixture
-def unread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Confirms stay unread until the publisher reads them. (py-amqp also reads, without
-    waiting, whatever has already arrived before it writes each message: on a slow machine
-    some confirms would be settled there, at a time no test can choose.)"""
-    drain = AMQPConnection.drain_events
-
-    def no_early_read(self: AMQPConnection, timeout: float | None = None) -> Any:
-        if timeout == 0:
-            raise TimeoutError
-        return drain(self, timeout=timeout)
-
-    monkeypatch.setattr(AMQPConnection, "drain_events", no_early_read)
-
-
 def send(qname: str, wait: bool = False) -> str:
     msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.multiply", args=[2, 3],
                               kwargs={}, queue=qname)
@@ -79,7 +63,6 @@ def _one_message_queue(name: str) -> None:
             "x-max-length": 1, "x-overflow": "reject-publish"})(conn.default_channel).declare()
 
 
-@pytest.mark.usefixtures("unread")
 def test_a_users_call_does_not_wait_and_flush_reads_every_confirm(amqp: str) -> None:
     pub = broker.publisher()
     ids = [send(amqp) for _ in range(5)]
@@ -90,7 +73,6 @@ def test_a_users_call_does_not_wait_and_flush_reads_every_confirm(amqp: str) -> 
     assert ready(amqp) == len(set(ids)) == 5
 
 
-@pytest.mark.usefixtures("unread")
 def test_a_full_window_is_confirmed_before_the_next_message_is_written(amqp: str) -> None:
     pub = broker.publisher()
     for _ in range(8):

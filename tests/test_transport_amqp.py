@@ -1,13 +1,17 @@
-"""The faster encoding of a RabbitMQ message's properties writes py-amqp's bytes exactly."""
+"""The faster encoding of a RabbitMQ message's properties writes py-amqp's bytes exactly, and a
+publish writes py-amqp's frames."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from amqp import Message
+from amqp import Channel, Message
+from amqp.exceptions import RecoverableConnectionError
 
 from django_tasks_q import message
 from django_tasks_q.transport import amqp as amqp_transport
@@ -56,3 +60,52 @@ def test_header_names_are_cached_up_to_a_bound() -> None:
     ours, theirs = _both(application_headers=headers)
     assert ours == theirs
     assert len(amqp_transport._keys) <= amqp_transport.KEYS_CACHED
+
+
+class _Connection:
+    """What a channel's publish uses of a py-amqp connection, recorded."""
+
+    client_properties = {"capabilities": {"connection.blocked": True}}
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[Any, ...]] = []
+        self.reads = 0
+        self.transport = self
+
+    def frame_writer(self, *frame: Any) -> None:
+        self.frames.append(frame)
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        self.reads += 1
+
+    @contextlib.contextmanager
+    def having_timeout(self, timeout: float | None) -> Iterator[None]:
+        yield
+
+
+def _channel(conn: _Connection | None) -> Channel:
+    channel = Channel.__new__(Channel)  # not opened: only what a publish reads is set
+    channel.connection, channel.channel_id = conn, 7
+    return channel
+
+
+def test_a_publish_writes_py_amqps_frames_without_reading_first() -> None:
+    content = TaskContent(b'{"x": 1}', content_type="application/json", delivery_mode=2,
+                          application_headers={"id": "abc"})
+    theirs, ours = _Connection(), _Connection()
+    _channel(theirs).basic_publish(content, exchange="", routing_key="q1")
+    amqp_transport.publish(_channel(ours), "q1", content)
+    assert ours.frames == theirs.frames and len(ours.frames) == 1
+    assert (theirs.reads, ours.reads) == (1, 0)  # py-amqp reads before every message
+    with pytest.raises(RecoverableConnectionError):
+        amqp_transport.publish(_channel(None), "q1", content)
+
+
+def test_routes_are_cached_up_to_a_bound() -> None:
+    conn, content = _Connection(), TaskContent(b"{}")
+    for i in range(amqp_transport.KEYS_CACHED + 10):
+        amqp_transport.publish(_channel(conn), f"queue-{i}", content)
+    assert len(amqp_transport._routes) <= amqp_transport.KEYS_CACHED
+    last = _Connection()
+    _channel(last).basic_publish(content, exchange="", routing_key=f"queue-{i}")
+    assert conn.frames[-1] == last.frames[0]  # beyond the bound: encoded each time, the same

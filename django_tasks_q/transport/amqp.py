@@ -5,6 +5,11 @@ time on them than on the rest of a publish. This one writes the same bytes (AMQP
 tables as RabbitMQ reads them: ``S`` long strings, ``I``/``L`` integers, ``t`` booleans, ``V``
 void, ``A`` arrays, ``F`` tables) for the types task headers hold, and hands anything else to
 py-amqp's encoder.
+
+``publish`` writes a ``basic.publish`` with py-amqp's frame writer, the frames its
+``basic_publish`` writes, without what that does first on every message: try to read whatever
+RabbitMQ has sent (a socket switched to non-blocking and back, an exception caught). The
+publisher reads its confirms when it waits for them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from io import BytesIO
 from struct import Struct
 from typing import Any
 
-from amqp import Message
+from amqp import Message, spec
+from amqp.exceptions import RecoverableConnectionError
 from amqp.serialization import _write_item, dumps
 
 _U32 = Struct(">I").pack
@@ -26,6 +32,8 @@ _INT32 = 2**31
 _keys: dict[str, bytes] = {}
 #: Beyond this many names, keys are encoded each time (headers named by data stay uncached).
 KEYS_CACHED = 1024
+#: Encoded ``basic.publish`` arguments to the default exchange, by queue (as bounded as keys).
+_routes: dict[str, bytes] = {}
 
 
 def _key(name: str) -> bytes:
@@ -87,3 +95,22 @@ class TaskContent(Message):  # type: ignore[misc]
             else:
                 parts.append(dumps(kind, [value]))
         return _U16(flags) + b"".join(parts)
+
+
+def publish(channel: Any, queue: str, content: TaskContent) -> None:
+    """Write ``content`` to ``queue`` through the default exchange on py-amqp ``channel``."""
+    conn = channel.connection
+    if conn is None:
+        raise RecoverableConnectionError("basic_publish: connection closed")
+    args = _routes.get(queue)
+    if args is None:
+        # reserved, exchange, routing key, mandatory, immediate
+        args = dumps("Bssbb", (0, "", queue, False, False))
+        if len(_routes) < KEYS_CACHED:
+            _routes[queue] = args
+    try:
+        conn.frame_writer(1, channel.channel_id, spec.Basic.Publish, args, content)
+    except (TimeoutError, StopIteration):
+        # As py-amqp: a write timeout means the socket is dead, for kombu's ensure() to
+        # reconnect.
+        raise RecoverableConnectionError("basic_publish: timed out") from None
