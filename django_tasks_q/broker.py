@@ -220,7 +220,8 @@ class Publisher:
     On RabbitMQ a message is kept until RabbitMQ confirms it (see confirms.py): a call with
     ``wait`` returns once every message so far is confirmed; one without returns once its
     message is written, and its confirm is read by a later call that waits, by ``flush()``, or
-    when ``confirm_window`` messages are outstanding. What a failed connection had not
+    once ``confirm_window`` messages are outstanding (then until half of them are left; a
+    window of 1 waits for each message's). What a failed connection had not
     confirmed is sent again on the next one."""
 
     def __init__(self, url: str, options: dict[str, Any]) -> None:
@@ -238,6 +239,8 @@ class Publisher:
         self._confirms: Confirms[_Outgoing] | None = None
         self._outbox: deque[_Outgoing] = deque()
         self._declared: set[str] = set()
+        #: kombu's retrying wrappers of the calls below, built once per connection.
+        self._retrying: dict[str, Callable[[], None]] = {}
 
     def publish(self, body: str, headers: dict[str, Any], properties: dict[str, Any],
                 queue_name: str, priority: int | None = None, wait: bool = True) -> None:
@@ -250,6 +253,7 @@ class Publisher:
                 self._producer = Producer(conn, auto_declare=False)
                 # Redis: one LPUSH on the channel's client, no per-publish kombu machinery.
                 self._direct = isinstance(conn.transport, redis_transport.Transport)
+            unsent = headers.get("id")
             try:
                 if queue_name not in self._declared:
                     # Connecting is retried like the publish below; the queue is declared on a
@@ -266,11 +270,12 @@ class Publisher:
                     except conn.connection_errors:
                         pass  # the producer below reconnects and retries
                 if self._confirm:
-                    if not wait and self._confirms is not None and (
-                            len(self._confirms) >= self._window):
-                        self._ensured(self._collect)  # before this one is written
                     self._outbox.append(_Outgoing(body, headers, properties, queue_name, priority))
                     self._ensured(self._collect if wait else self._send_outbox)
+                    if not wait and self._confirms is not None and (
+                            len(self._confirms) >= self._window):
+                        unsent = None  # written: a failure now loses it with the others
+                        self._ensured(self._make_room)
                     return
                 # The default exchange routes by queue name with no binding lookup: one round
                 # trip less per message on Redis and django://, the same queue on AMQP.
@@ -280,7 +285,7 @@ class Publisher:
                     priority=wire_priority(conn, priority), delivery_mode=2, retry=True,
                     retry_policy=PUBLISH_RETRY_POLICY, **properties)
             except Exception as exc:
-                self._raise(exc, headers.get("id"))
+                self._raise(exc, unsent)
 
     def flush(self) -> None:
         """Return once RabbitMQ has confirmed every message published so far (at once on the
@@ -294,8 +299,12 @@ class Publisher:
 
     def _ensured(self, fun: Callable[[], None]) -> None:
         """``fun()``, retried on a new connection (kombu's ``ensure``) while the policy allows."""
-        assert self._conn is not None and self._producer is not None
-        self._conn.ensure(self._producer, fun, **PUBLISH_RETRY_POLICY)()
+        call = self._retrying.get(fun.__name__)
+        if call is None:
+            assert self._conn is not None and self._producer is not None
+            call = self._retrying[fun.__name__] = self._conn.ensure(
+                self._producer, fun, **PUBLISH_RETRY_POLICY)
+        call()
 
     def _send_outbox(self) -> None:
         """Write what waits in the outbox; on a new channel, first what the old one had not
@@ -317,12 +326,22 @@ class Publisher:
                 priority=wire_priority(self._conn, item.priority), **item.properties))
             self._confirms.sent(self._outbox.popleft())
 
-    def _collect(self) -> None:
-        """Send what waits, then read confirms until all are in; raise for refused ones."""
+    def _make_room(self) -> None:
+        """Read confirms until at most half the window is unconfirmed: RabbitMQ confirms the
+        rest while the next messages are written."""
+        self._collect(self._window // 2)
+
+    def _collect(self, left: int = 0) -> None:
+        """Send what waits, then read confirms until at most ``left`` messages are
+        unconfirmed; raise for refused ones."""
         self._send_outbox()
         assert self._confirms is not None
         try:
-            refused = self._confirms.wait(CONFIRM_TIMEOUT)
+            refused = self._confirms.wait(CONFIRM_TIMEOUT, left)
+            if refused and left:
+                # The error drops the connection: what it holds is confirmed first, so that
+                # nothing RabbitMQ took is reported lost.
+                refused += self._confirms.wait(CONFIRM_TIMEOUT)
         except ConfirmTimeout as exc:
             raise EnqueueError(str(exc)) from None
         if refused:
@@ -357,6 +376,7 @@ class Publisher:
         self._outbox.clear()
         self._direct = False
         self._declared.clear()
+        self._retrying.clear()
         return lost
 
     def close(self) -> None:

@@ -5,13 +5,27 @@ channel in confirm mode numbers what it publishes (1, 2, ... as RabbitMQ does) a
 message until RabbitMQ acknowledges it (one ``basic.ack`` may cover many); ``wait()`` reads
 confirms until none is outstanding. What is outstanding when the connection fails is what the
 publisher sends again on the next one.
+
+RabbitMQ sends a confirm as a frame of its own, often one per message, and py-amqp reads a
+frame in three reads of the socket and several calls. ``wait()`` reads what has arrived in one
+piece into py-amqp's read buffer and settles the ``basic.ack``/``basic.nack`` frames at its
+head itself; any other frame (a heartbeat, ``connection.blocked``, an error) is py-amqp's to
+read, as before.
 """
 
 from __future__ import annotations
 
+from struct import Struct
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+#: A confirm frame: type 1 (method), channel, payload size 13, class 60 (basic), method 80
+#: (ack) or 120 (nack), delivery tag, flags (bit 0: multiple); then the frame-end octet.
+_CONFIRM = Struct(">BHIHHQBB")
+_ACK, _NACK, _FRAME_END = 80, 120, 0xCE
+#: How much one read of the socket takes at most (a confirm frame is 21 bytes).
+READ_SIZE = 65536
 
 
 class ConfirmTimeout(Exception):
@@ -42,19 +56,49 @@ class Confirms(Generic[T]):
         """What was published and not confirmed, oldest first (to send again elsewhere)."""
         return list(self._unconfirmed.values())
 
-    def wait(self, timeout: float) -> list[T]:
-        """Read confirms until none is outstanding; return (and forget) what RabbitMQ refused.
-        ``ConfirmTimeout`` when ``timeout`` seconds pass with nothing from RabbitMQ."""
-        read = self.channel.connection.drain_events
-        while self._unconfirmed:
+    def wait(self, timeout: float, left: int = 0) -> list[T]:
+        """Read confirms until at most ``left`` messages are outstanding; return (and forget)
+        what RabbitMQ refused. ``ConfirmTimeout`` when ``timeout`` seconds pass with nothing
+        from RabbitMQ."""
+        conn = self.channel.connection
+        transport = conn.transport
+        while len(self._unconfirmed) > left:
             try:
-                read(timeout=timeout)
+                if not self._settle_buffered(transport):
+                    if transport._read_buffer:  # another frame, or part of one: py-amqp's
+                        conn.drain_events(timeout=timeout)
+                    else:
+                        with transport.having_timeout(timeout):
+                            data = transport._quick_recv(READ_SIZE)
+                        if not data:
+                            transport.connected = False
+                            raise OSError("Server unexpectedly closed connection")
+                        transport._read_buffer += data
             except TimeoutError:
                 raise ConfirmTimeout(
                     f"RabbitMQ confirmed none of {len(self._unconfirmed)} messages within "
                     f"{timeout:g}s (a memory or disk alarm blocks publishers)") from None
         refused, self._refused = self._refused, []
         return refused
+
+    def _settle_buffered(self, transport: Any) -> bool:
+        """Settle the confirm frames at the head of ``transport``'s read buffer; whether there
+        were any."""
+        buf = transport._read_buffer
+        end, pos, channel_id = len(buf), 0, self.channel.channel_id
+        while end - pos >= _CONFIRM.size:
+            kind, channel, size, cls, method, tag, bits, frame_end = _CONFIRM.unpack_from(buf, pos)
+            if (kind, channel, size, cls, frame_end) != (1, channel_id, 13, 60, _FRAME_END) or (
+                    method != _ACK and method != _NACK):
+                break
+            pos += _CONFIRM.size
+            if method == _ACK:
+                self._settle(tag, bool(bits & 1))
+            else:
+                self._nacked(tag, bool(bits & 1))
+        if pos:
+            transport._read_buffer = buf[pos:]
+        return pos > 0
 
     def _settle(self, tag: int, multiple: bool) -> list[T]:
         """Forget what a confirm covers (``basic.ack`` calls this directly); return it."""

@@ -73,13 +73,22 @@ def test_a_users_call_does_not_wait_and_flush_reads_every_confirm(amqp: str) -> 
     assert ready(amqp) == len(set(ids)) == 5
 
 
-def test_a_full_window_is_confirmed_before_the_next_message_is_written(amqp: str) -> None:
+def test_a_full_window_is_read_down_to_half_before_the_call_returns(amqp: str) -> None:
     pub = broker.publisher()
-    for _ in range(8):
+    for _ in range(7):
         send(amqp)
-    assert unconfirmed(pub) == 8
-    send(amqp)  # the window was full: the 8 are confirmed first, then this one is written
-    assert unconfirmed(pub) == 1
+    assert unconfirmed(pub) == 7
+    send(amqp)  # the eighth fills the window of 8: confirms are read until at most 4 are left
+    assert unconfirmed(pub) <= 4
+    assert ready(amqp) == 8
+
+
+def test_a_window_of_one_waits_for_each_messages_confirm(amqp: str, settings: Any) -> None:
+    settings.TASKS_Q = {**settings.TASKS_Q, "BROKER_OPTIONS": {"confirm_window": 1}}
+    pub = broker.publisher()
+    for _ in range(3):
+        send(amqp)
+        assert unconfirmed(pub) == 0
 
 
 def test_a_waiting_call_returns_with_everything_confirmed(amqp: str) -> None:
@@ -120,6 +129,19 @@ def test_refused_messages_raise_naming_them_and_publishing_goes_on(amqp: str) ->
     assert raw is not None and raw.headers["id"] == first
     # The next call works on a fresh connection.
     send(amqp, wait=True)
+
+
+def test_refusals_found_at_a_full_window_are_raised_once_all_are_confirmed(
+        amqp: str, caplog: pytest.LogCaptureFixture) -> None:
+    _one_message_queue(amqp)
+    ids = [send(amqp) for _ in range(7)]
+    with caplog.at_level(logging.ERROR), pytest.raises(EnqueueError) as info:
+        send(amqp)  # fills the window of 8
+    # Every refusal is named; none of the messages is reported lost with the connection.
+    assert "RabbitMQ refused 7 task message" in str(info.value)
+    assert all(task_id in str(info.value) for task_id in ids[1:])
+    assert "had not confirmed" not in caplog.text
+    assert ready(amqp) == 1
 
 
 def test_a_task_run_ends_with_what_it_sent_confirmed(amqp: str) -> None:
