@@ -3,8 +3,8 @@
 A publisher that waits for each message's confirm makes a round trip per message. Here a
 channel in confirm mode numbers what it publishes (1, 2, ... as RabbitMQ does) and keeps each
 message until RabbitMQ acknowledges it (one ``basic.ack`` may cover many); ``wait()`` reads
-confirms until none is outstanding. What is outstanding when the connection fails is what the
-publisher sends again on the next one.
+confirms until none (or no more than a given number) is outstanding. What is outstanding when
+the connection fails is what the publisher sends again on the next one.
 
 RabbitMQ sends a confirm as a frame of its own, often one per message, and py-amqp reads a
 frame in three reads of the socket and several calls. ``wait()`` reads what has arrived in one

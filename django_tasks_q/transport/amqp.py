@@ -69,20 +69,7 @@ def _value(v: Any) -> bytes:
 
 def table(d: dict[str, Any]) -> bytes:
     """``d`` as an AMQP field table: its length, then each key and value."""
-    parts: list[bytes] = []
-    append = parts.append
-    keys = _keys
-    for k, v in d.items():
-        # The common cases inline (a task's headers are mostly strings and None).
-        key = keys.get(k) or _key(k)
-        if v is None:
-            append(key + b"V")
-        elif v.__class__ is str:
-            raw = v.encode("utf-8", "surrogatepass")
-            append(key + b"S" + _U32(len(raw)) + raw)
-        else:
-            append(key + _value(v))
-    data = b"".join(parts)
+    data = b"".join([_key(k) + _value(v) for k, v in d.items()])
     return _U32(len(data)) + data
 
 
