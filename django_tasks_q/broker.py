@@ -176,6 +176,8 @@ def connection(url: str | None = None, options: dict[str, Any] | None = None) ->
     scheme = url.split("://", 1)[0]
     if _is_amqp(url):
         transport_options.setdefault("confirm_publish", True)
+    if scheme in ("amqp", "pyamqp"):
+        transport: type = amqp_transport.Transport  # py-amqp's, reading ahead (amqps: as is)
     elif scheme in ("redis", "rediss"):
         # Workers keep the messages they hold alive (worker/consumer.py), so a short timeout
         # only shortens how long a dead worker's messages wait before they are delivered again.
@@ -183,10 +185,13 @@ def connection(url: str | None = None, options: dict[str, Any] | None = None) ->
         transport_options.setdefault("unacked_restore_interval", 5)
         transport_options.setdefault("unacked_restore_throttle", 2)
         # Our transport takes a message off its queue and records it as unacked in one step
-        # (transport/redis.py); the URL is still read as kombu reads it (rediss:// means TLS).
-        return Connection(url, transport=redis_transport.Transport, ssl=Connection(url).ssl,
-                          transport_options=transport_options)
-    return Connection(url, transport_options=transport_options)
+        # (transport/redis.py).
+        transport = redis_transport.Transport
+    else:
+        return Connection(url, transport_options=transport_options)
+    # The URL is still read as kombu reads it (rediss:// and ?ssl= mean TLS).
+    return Connection(url, transport=transport, ssl=Connection(url).ssl,
+                      transport_options=transport_options)
 
 
 def _is_amqp(url: str) -> bool:

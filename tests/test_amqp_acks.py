@@ -95,8 +95,9 @@ def test_tasks_ending_in_one_turn_are_acknowledged_by_one_multiple_ack(
     consumer = Consumer([qname], EndingTogether(3), "acks", prefetch=8)
     done = run_consumer(consumer, 6, timeout=20)
     assert len(done) == 6
-    # Tags 1-3 ended in one turn, then 4-6: one frame each.
-    assert acks == [(3, True), (6, True)]
+    # Tags 1-3 end together, then 4-6: one frame for each turn of the loop in which they
+    # ended, two at most (one if the six arrived in one read, and so ended in one turn).
+    assert acks in ([(3, True), (6, True)], [(6, True)])
     assert left(qname) == []  # every one was acknowledged: none came back
 
 

@@ -10,23 +10,41 @@ py-amqp's encoder.
 ``basic_publish`` writes, without what that does first on every message: try to read whatever
 RabbitMQ has sent (a socket switched to non-blocking and back, an exception caught). The
 publisher reads its confirms when it waits for them.
+
+``Transport`` is kombu's py-amqp transport reading ahead: py-amqp reads each frame in three
+``recv`` calls (header, payload, frame end), and a delivery is three frames; and kombu's event
+loop asks for the next frame with a zero timeout, which py-amqp applies by switching the socket
+to non-blocking and back around every read. Here a read takes whatever has arrived, up to
+``READ_SIZE``, and frames are cut from that; a zero timeout is a non-blocking ``recv`` flag, so
+the socket's mode is left alone.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 from io import BytesIO
 from struct import Struct
 from typing import Any
 
 from amqp import Message, spec
-from amqp.exceptions import RecoverableConnectionError
+from amqp import transport as amqp_transport
+from amqp.exceptions import RecoverableConnectionError, UnexpectedFrame
 from amqp.serialization import _write_item, dumps
+from kombu.transport import pyamqp
 
 _U32 = Struct(">I").pack
 _I32 = Struct(">i").pack
 _I64 = Struct(">q").pack
 _U16 = Struct(">H").pack
 _INT32 = 2**31
+#: A frame's type, channel and payload size; the payload and the frame-end octet follow.
+_FRAME_HEADER = Struct(">BHI")
+_FRAME_END = 0xCE
+#: How much one read of the socket takes at most.
+READ_SIZE = 65536
+#: A read failing with these leaves the connection up (as py-amqp has it).
+_UNAVAILABLE = frozenset((errno.EAGAIN, errno.EINTR, errno.ENOENT))
 
 #: Encoded keys (their length octet and UTF-8 bytes): header names repeat on every message.
 _keys: dict[str, bytes] = {}
@@ -114,3 +132,117 @@ def publish(channel: Any, queue: str, content: TaskContent) -> None:
         # As py-amqp: a write timeout means the socket is dead, for kombu's ensure() to
         # reconnect.
         raise RecoverableConnectionError("basic_publish: timed out") from None
+
+
+class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]
+    """py-amqp's TCP transport, for an event loop to read what has arrived at once.
+
+    Only ``read_ahead`` takes more than the frame asked for: a read of py-amqp's own (waiting
+    for a reply, with a timeout) stops at the end of its frame, as py-amqp's does, so that
+    nothing is left in the buffer that the event loop, which watches the socket, would not know
+    of."""
+
+    def _setup_transport(self) -> None:
+        super()._setup_transport()
+        # Frames are cut from the front: a bytearray drops its head without copying the rest.
+        self._read_buffer = bytearray()
+
+    def take(self) -> tuple[int, int, bytes] | None:
+        """The whole frame at the head of the buffer, ``(type, channel, payload)``, if any."""
+        buf = self._read_buffer
+        if len(buf) < 8:
+            return None
+        kind, channel, size = _FRAME_HEADER.unpack_from(buf)
+        end = 7 + size
+        if len(buf) <= end:
+            return None
+        if buf[end] != _FRAME_END:
+            raise UnexpectedFrame(f"Received frame_end {buf[end]:#04x} while expecting 0xce")
+        payload = bytes(buf[7:end])
+        del buf[:end + 1]
+        return kind, channel, payload
+
+    def read_frame(self, unpack: Any = None) -> tuple[int, int, bytes]:
+        """The next frame, read up to its end and no further (the socket's timeout applies:
+        ``having_timeout``)."""
+        while True:
+            frame = self.take()
+            if frame is not None:
+                return frame
+            buf = self._read_buffer
+            need = 8 if len(buf) < 8 else 8 + _FRAME_HEADER.unpack_from(buf)[2]
+            self._receive(self.sock.recv, need - len(buf))
+
+    def read_ahead(self) -> bool:
+        """Add what has arrived, up to ``READ_SIZE``, to the buffer without waiting; whether
+        there was anything."""
+        sock = self.sock
+        try:
+            if sock.gettimeout() is None:  # blocking: one call, the socket's mode left alone
+                self._receive(sock.recv, READ_SIZE, socket.MSG_DONTWAIT)
+            else:
+                with self.having_timeout(0):
+                    self._receive(sock.recv, READ_SIZE)
+        except (BlockingIOError, TimeoutError):
+            return False
+        return True
+
+    def _receive(self, recv: Any, *args: int) -> None:
+        try:
+            data = recv(*args)
+        except (BlockingIOError, TimeoutError):
+            raise
+        except OSError as exc:
+            if exc.errno not in _UNAVAILABLE:
+                self.connected = False
+            raise
+        if not data:
+            self.connected = False
+            raise OSError("Server unexpectedly closed connection")
+        self._read_buffer += data
+
+
+class _Connection(pyamqp.Connection):
+    """kombu's py-amqp connection on ``ReadAheadTCP`` (TLS stays on py-amqp's own)."""
+
+    def Transport(self, host: str, connect_timeout: float | None, ssl: Any = False,  # noqa: N802
+                  read_timeout: float | None = None, write_timeout: float | None = None,
+                  socket_settings: Any = None, **kwargs: Any) -> Any:
+        cls = amqp_transport.SSLTransport if ssl else ReadAheadTCP
+        return cls(host, connect_timeout=connect_timeout, ssl=ssl, read_timeout=read_timeout,
+                   write_timeout=write_timeout, socket_settings=socket_settings, **kwargs)
+
+    def blocking_read(self, timeout: float | None = None) -> Any:
+        frame = self.transport.take() if isinstance(self.transport, ReadAheadTCP) else None
+        if frame is None:  # py-amqp's way: the socket's timeout set around the read
+            with self.transport.having_timeout(timeout):
+                frame = self.transport.read_frame()
+        return self.on_inbound_frame(frame)
+
+
+class Transport(pyamqp.Transport):
+    """kombu's py-amqp transport (``amqp://``), reading ahead in the event loop."""
+
+    Connection = _Connection
+
+    def _make_reader(self, connection: Any, *args: Any, **kwargs: Any) -> Any:
+        transport = connection.transport
+        if not isinstance(transport, ReadAheadTCP):  # TLS
+            return super()._make_reader(connection, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+        def read(loop: Any) -> None:
+            # kombu's reader handles one message per turn of the loop and then polls again;
+            # what was read ahead is not on the socket any more, so all of it is handled here
+            # (the prefetch window bounds how much that is).
+            if not connection.connected:
+                raise RecoverableConnectionError("Socket was disconnected")
+            on_frame = connection.on_inbound_frame
+            while True:
+                frame = transport.take()
+                while frame is not None:
+                    on_frame(frame)
+                    frame = transport.take()
+                if not transport.read_ahead():
+                    return
+
+        return read
