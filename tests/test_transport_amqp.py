@@ -7,20 +7,27 @@ import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from struct import pack
 from typing import Any
 
 import pytest
 from amqp import Channel, Message
 from amqp.exceptions import RecoverableConnectionError
+from amqp.serialization import decode_properties_basic
 
 from django_tasks_q import message
 from django_tasks_q.transport import amqp as amqp_transport
+from django_tasks_q.transport import amqp_props
 from django_tasks_q.transport.amqp import TaskContent
 
 
 def _both(**properties: Any) -> tuple[bytes, bytes]:
-    return (TaskContent(b"{}", **properties)._serialize_properties(),
-            Message(b"{}", **properties)._serialize_properties())
+    """The properties encoded by us and by py-amqp; each also decodes as py-amqp decodes it."""
+    ours = TaskContent(b"{}", **properties)._serialize_properties()
+    theirs = Message(b"{}", **properties)._serialize_properties()
+    for encoded in {ours, theirs}:
+        assert amqp_props.decode(b"xx" + encoded, 2) == decode_properties_basic(encoded, 0)[0]
+    return ours, theirs
 
 
 def test_a_task_messages_properties_encode_to_the_same_bytes() -> None:
@@ -55,11 +62,31 @@ def test_every_property_encodes_to_the_same_bytes() -> None:
     assert _both() == (b"\x00\x00", b"\x00\x00")
 
 
+def _table(*items: bytes) -> bytes:
+    data = b"".join(items)
+    return b"\x20\x00" + pack(">I", len(data)) + data  # the headers flag, then the table
+
+
+@pytest.mark.parametrize("item", [
+    b"\x01bs\xff\xfe", b"\x01bb\xfe", b"\x01bB\xfe", b"\x01bU\xff\xfe", b"\x01bu\xff\xfe",
+    b"\x01bi\xff\xff\xff\xfe", b"\x01bl" + pack(">q", -5), b"\x01bf" + pack(">f", 0.5),
+    b"\x01bd" + pack(">d", 0.25), b"\x01bD\x02" + pack(">i", 125),
+    b"\x01bx\x00\x00\x00\x02\xff\x00", b"\x01bT" + pack(">Q", 1700000000),
+    b"\x01bS\x00\x00\x00\x02\xff\xfe",  # not UTF-8: bytes, as py-amqp reads it
+    b"\x02\xff\xfeS\x00\x00\x00\x01v",  # a key not UTF-8 either
+    b"\x01bA\x00\x00\x00\x0bs\x00\x01l" + pack(">q", -1),  # an array of them
+], ids=repr)
+def test_header_types_others_send_decode_as_py_amqp_decodes_them(item: bytes) -> None:
+    ours = amqp_props.decode(_table(item), 0)
+    assert ours == decode_properties_basic(_table(item), 0)[0]
+    assert len(ours["application_headers"]) == 1
+
+
 def test_header_names_are_cached_up_to_a_bound() -> None:
-    headers = {f"name-{i}": i for i in range(amqp_transport.KEYS_CACHED + 10)}
+    headers = {f"name-{i}": i for i in range(amqp_props.KEYS_CACHED + 10)}
     ours, theirs = _both(application_headers=headers)
     assert ours == theirs
-    assert len(amqp_transport._keys) <= amqp_transport.KEYS_CACHED
+    assert len(amqp_props._keys) <= amqp_props.KEYS_CACHED
 
 
 class _Connection:
@@ -103,9 +130,9 @@ def test_a_publish_writes_py_amqps_frames_without_reading_first() -> None:
 
 def test_routes_are_cached_up_to_a_bound() -> None:
     conn, content = _Connection(), TaskContent(b"{}")
-    for i in range(amqp_transport.KEYS_CACHED + 10):
+    for i in range(amqp_props.KEYS_CACHED + 10):
         amqp_transport.publish(_channel(conn), f"queue-{i}", content)
-    assert len(amqp_transport._routes) <= amqp_transport.KEYS_CACHED
+    assert len(amqp_transport._routes) <= amqp_props.KEYS_CACHED
     last = _Connection()
     _channel(last).basic_publish(content, exchange="", routing_key=f"queue-{i}")
     assert conn.frames[-1] == last.frames[0]  # beyond the bound: encoded each time, the same

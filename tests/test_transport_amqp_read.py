@@ -15,6 +15,7 @@ from amqp.exceptions import RecoverableConnectionError, UnexpectedFrame
 from kombu import Connection
 
 from django_tasks_q.transport import amqp as amqp_transport
+from django_tasks_q.transport import amqp_props
 from django_tasks_q.transport.amqp import ReadAheadTCP
 
 
@@ -123,3 +124,48 @@ def test_amqp_urls_use_the_read_ahead_transport_and_amqps_keeps_kombus(settings:
     conn = broker.connection("amqp://guest:guest@127.0.0.1:5672//")
     assert conn.transport_cls is amqp_transport.Transport
     assert broker.connection("amqps://guest:guest@127.0.0.1:5671//").transport_cls == "amqps"
+
+
+class _Counting:
+    bytes_recv = 0
+
+
+def _delivery(channel: int, tag: int, body: bytes,
+              parts: int = 1) -> list[tuple[int, int, bytes]]:
+    """A ``basic.deliver`` as RabbitMQ frames it: method, content header, body frames."""
+    method = pack(">HH", 60, 60) + b"\x03ctg" + pack(">Q", tag) + b"\x00\x00\x01q"
+    header = pack(">HHQ", 60, 0, len(body)) + amqp_props.encode(
+        {"content_type": "application/json", "application_headers": {"id": f"t{tag}"}})
+    size = max(1, -(-len(body) // parts))  # no body frame for an empty body
+    return [(1, channel, method), (2, channel, header),
+            *[(3, channel, body[i:i + size]) for i in range(0, len(body), size)]]
+
+
+def test_deliveries_are_assembled_from_their_frames_on_each_channel() -> None:
+    got: list[tuple[int, tuple[int, int], Any]] = []
+    counting = _Counting()
+    on_frame = amqp_transport.frame_handler(counting, lambda ch, m, args, msg: got.append(
+        (ch, m, msg)))
+    one, two = _delivery(1, 1, b'{"a": 1}', parts=3), _delivery(2, 7, b"")
+    # Channels interleave; a heartbeat may come between any two frames.
+    for frame in [one[0], two[0], one[1], (8, 0, b""), two[1], *one[2:]]:
+        on_frame(frame)
+    assert [(ch, m) for ch, m, _ in got] == [(2, (60, 60)), (1, (60, 60))]
+    empty, full = got[0][2], got[1][2]
+    assert isinstance(full, amqp_transport.Delivered)
+    assert full.body == b'{"a": 1}' and empty.body == ""  # py-amqp's, when there is none
+    assert full.properties == {"content_type": "application/json",
+                               "application_headers": {"id": "t1"}}
+    assert counting.bytes_recv == 8  # every frame, the heartbeat too
+    on_frame((1, 1, pack(">HH", 60, 11)))  # basic.qos-ok: no content
+    assert got[-1][1:] == ((60, 11), None)
+
+
+def test_a_frame_out_of_order_is_an_error() -> None:
+    on_frame = amqp_transport.frame_handler(_Counting(), lambda *args: None)
+    method, _, body = _delivery(1, 1, b"x")
+    on_frame(method)
+    with pytest.raises(UnexpectedFrame, match="Received frame 3 while expecting type: 2"):
+        on_frame(body)
+    with pytest.raises(UnexpectedFrame, match="Received frame 2 while expecting type: 1"):
+        on_frame((2, 5, b""))

@@ -1,10 +1,7 @@
-"""RabbitMQ: task messages as py-amqp content, with a faster encoding of their properties.
+"""RabbitMQ: task messages as py-amqp content, published and received with less work.
 
-A Celery message carries about twenty headers, and py-amqp's general table encoder spends more
-time on them than on the rest of a publish. This one writes the same bytes (AMQP 0-9-1 field
-tables as RabbitMQ reads them: ``S`` long strings, ``I``/``L`` integers, ``t`` booleans, ``V``
-void, ``A`` arrays, ``F`` tables) for the types task headers hold, and hands anything else to
-py-amqp's encoder.
+Content carries its properties (a Celery message: about twenty headers) encoded and decoded by
+``amqp_props``, to the same bytes and values as py-amqp's.
 
 ``publish`` writes a ``basic.publish`` with py-amqp's frame writer, the frames its
 ``basic_publish`` writes, without what that does first on every message: try to read whatever
@@ -23,21 +20,20 @@ from __future__ import annotations
 
 import errno
 import socket
-from io import BytesIO
 from struct import Struct
 from typing import Any
 
 from amqp import Message, spec
 from amqp import transport as amqp_transport
 from amqp.exceptions import RecoverableConnectionError, UnexpectedFrame
-from amqp.serialization import _write_item, dumps
+from amqp.serialization import dumps
 from kombu.transport import pyamqp
 
-_U32 = Struct(">I").pack
-_I32 = Struct(">i").pack
-_I64 = Struct(">q").pack
-_U16 = Struct(">H").pack
-_INT32 = 2**31
+from . import amqp_props
+
+#: The methods followed by content (a header frame, then body frames).
+_CONTENT_METHODS = frozenset((spec.Basic.Deliver, spec.Basic.GetOk, spec.Basic.Return))
+_METHOD = Struct(">HH")
 #: A frame's type, channel and payload size; the payload and the frame-end octet follow.
 _FRAME_HEADER = Struct(">BHI")
 _FRAME_END = 0xCE
@@ -46,73 +42,61 @@ READ_SIZE = 65536
 #: A read failing with these leaves the connection up (as py-amqp has it).
 _UNAVAILABLE = frozenset((errno.EAGAIN, errno.EINTR, errno.ENOENT))
 
-#: Encoded keys (their length octet and UTF-8 bytes): header names repeat on every message.
-_keys: dict[str, bytes] = {}
-#: Beyond this many names, keys are encoded each time (headers named by data stay uncached).
-KEYS_CACHED = 1024
 #: Encoded ``basic.publish`` arguments to the default exchange, by queue (as bounded as keys).
 _routes: dict[str, bytes] = {}
 
 
-def _key(name: str) -> bytes:
-    encoded = _keys.get(name)
-    if encoded is None:
-        raw = name.encode("utf-8", "surrogatepass")
-        encoded = bytes((len(raw),)) + raw
-        if len(_keys) < KEYS_CACHED:
-            _keys[name] = encoded
-    return encoded
-
-
-def _value(v: Any) -> bytes:
-    cls = v.__class__
-    if cls is str:
-        raw: bytes = v.encode("utf-8", "surrogatepass")
-        return b"S" + _U32(len(raw)) + raw
-    if v is None:
-        return b"V"
-    if cls is bool:
-        return b"t\x01" if v else b"t\x00"
-    if cls is int:
-        return b"I" + _I32(v) if -_INT32 < v < _INT32 else b"L" + _I64(v)
-    if cls is list or cls is tuple:
-        data = b"".join([_value(item) for item in v])
-        return b"A" + _U32(len(data)) + data
-    if cls is dict:
-        return b"F" + table(v)
-    out = BytesIO()  # bytes, floats, Decimal, datetime: as py-amqp writes them
-    _write_item(v, out.write, [])
-    return out.getvalue()
-
-
-def table(d: dict[str, Any]) -> bytes:
-    """``d`` as an AMQP field table: its length, then each key and value."""
-    data = b"".join([_key(k) + _value(v) for k, v in d.items()])
-    return _U32(len(data)) + data
-
-
 class TaskContent(Message):  # type: ignore[misc]
-    """A message to publish; its properties are encoded by ``table`` (the same bytes)."""
+    """A message to publish; its properties are encoded by ``amqp_props`` (the same bytes)."""
 
     def _serialize_properties(self) -> bytes:
-        flags = 0
-        parts = []
-        props = self.properties
-        for bit, (name, kind) in enumerate(self.PROPERTIES):
-            value = props.get(name)
-            if value is None:
-                continue
-            flags |= 1 << (15 - bit)
-            if kind == "s":
-                raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
-                parts.append(bytes((len(raw),)) + raw)
-            elif kind == "o":
-                parts.append(bytes((value,)))
-            elif kind == "F":
-                parts.append(table(value))
-            else:
-                parts.append(dumps(kind, [value]))
-        return _U16(flags) + b"".join(parts)
+        return amqp_props.encode(self.properties)
+
+
+class Delivered(Message):  # type: ignore[misc]
+    """A message received; its properties are decoded by ``amqp_props`` (the same values)."""
+
+    def _load_properties(self, class_id: int, buf: bytes, offset: int) -> int:
+        self.properties = amqp_props.decode(buf, offset)
+        return offset  # as py-amqp's (the content header ends with the properties)
+
+
+def frame_handler(connection: Any, callback: Any) -> Any:
+    """py-amqp's ``frame_handler``, assembling deliveries as ``Delivered``: a method frame, then
+    for content-bearing methods a header frame and body frames, checked in that order on each
+    channel."""
+    expected: dict[int, int] = {}
+    partial: dict[int, Delivered] = {}
+
+    def on_frame(frame: tuple[int, int, bytes]) -> bool:
+        kind, channel, buf = frame
+        connection.bytes_recv += 1
+        if kind == 8:  # heartbeat: counted above
+            return False
+        wanted = expected.get(channel, 1)
+        if kind != wanted:
+            raise UnexpectedFrame(f"Received frame {kind} while expecting type: {wanted}")
+        if kind == 1:
+            method = _METHOD.unpack_from(buf)
+            if method in _CONTENT_METHODS:
+                partial[channel] = Delivered(frame_method=method, frame_args=buf)
+                expected[channel] = 2
+                return False
+            callback(channel, method, buf, None)
+            return True
+        msg = partial[channel]
+        if kind == 2:
+            msg.inbound_header(buf)
+        else:
+            msg.inbound_body(buf)
+        if not msg.ready:
+            expected[channel] = 3
+            return False
+        del expected[channel], partial[channel]
+        callback(channel, msg.frame_method, msg.frame_args, msg)
+        return True
+
+    return on_frame
 
 
 def publish(channel: Any, queue: str, content: TaskContent) -> None:
@@ -124,7 +108,7 @@ def publish(channel: Any, queue: str, content: TaskContent) -> None:
     if args is None:
         # reserved, exchange, routing key, mandatory, immediate
         args = dumps("Bssbb", (0, "", queue, False, False))
-        if len(_routes) < KEYS_CACHED:
+        if len(_routes) < amqp_props.KEYS_CACHED:
             _routes[queue] = args
     try:
         conn.frame_writer(1, channel.channel_id, spec.Basic.Publish, args, content)
@@ -203,7 +187,12 @@ class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]
 
 
 class _Connection(pyamqp.Connection):
-    """kombu's py-amqp connection on ``ReadAheadTCP`` (TLS stays on py-amqp's own)."""
+    """kombu's py-amqp connection on ``ReadAheadTCP`` (TLS stays on py-amqp's own), its
+    deliveries ``Delivered``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.frame_handler_cls = frame_handler
 
     def Transport(self, host: str, connect_timeout: float | None, ssl: Any = False,  # noqa: N802
                   read_timeout: float | None = None, write_timeout: float | None = None,
