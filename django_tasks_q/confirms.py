@@ -15,17 +15,14 @@ read, as before.
 
 from __future__ import annotations
 
-from struct import Struct
 from typing import Any, Generic, TypeVar
+
+from .transport.amqp import ACK_FRAME, READ_SIZE
 
 T = TypeVar("T")
 
-#: A confirm frame: type 1 (method), channel, payload size 13, class 60 (basic), method 80
-#: (ack) or 120 (nack), delivery tag, flags (bit 0: multiple); then the frame-end octet.
-_CONFIRM = Struct(">BHIHHQBB")
+_CONFIRM = ACK_FRAME  # a confirm is a basic.ack (or basic.nack) from RabbitMQ
 _ACK, _NACK, _FRAME_END = 80, 120, 0xCE
-#: How much one read of the socket takes at most (a confirm frame is 21 bytes).
-READ_SIZE = 65536
 
 
 class ConfirmTimeout(Exception):

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from kombu.transport import pyamqp
 
 from django_tasks_q import broker, message
 from django_tasks_q.execute import Outcome
+from django_tasks_q.transport import amqp as amqp_transport
 from django_tasks_q.worker import child
 from django_tasks_q.worker.consumer import Consumer
 from django_tasks_q.worker.pool import Job, SoloPool
@@ -40,13 +40,13 @@ def qname(settings: Any) -> Iterator[str]:
 def acks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
     """Every ``basic.ack`` the worker sends: (delivery tag, multiple)."""
     sent: list[tuple[int, bool]] = []
-    original = pyamqp.Channel.basic_ack
+    original = amqp_transport.ack
 
-    def basic_ack(self: Any, delivery_tag: int, multiple: bool = False, **kw: Any) -> Any:
-        sent.append((delivery_tag, multiple))
-        return original(self, delivery_tag, multiple, **kw)
+    def ack(message: Any, multiple: bool = False) -> None:
+        sent.append((message.delivery_tag, multiple))
+        original(message, multiple)
 
-    monkeypatch.setattr(pyamqp.Channel, "basic_ack", basic_ack)
+    monkeypatch.setattr(amqp_transport, "ack", ack)
     return sent
 
 

@@ -27,6 +27,7 @@ from amqp import Message, spec
 from amqp import transport as amqp_transport
 from amqp.exceptions import RecoverableConnectionError, UnexpectedFrame
 from amqp.serialization import dumps
+from kombu.exceptions import MessageStateError
 from kombu.transport import pyamqp
 
 from . import amqp_props
@@ -42,6 +43,9 @@ READ_SIZE = 65536
 #: A read failing with these leaves the connection up (as py-amqp has it).
 _UNAVAILABLE = frozenset((errno.EAGAIN, errno.EINTR, errno.ENOENT))
 
+#: A ``basic.ack`` or ``basic.nack`` frame: type 1 (method), channel, payload size 13, class 60
+#: (basic), method 80 (ack) or 120 (nack), delivery tag, flags (bit 0: multiple); frame end.
+ACK_FRAME = Struct(">BHIHHQBB")
 #: Encoded ``basic.publish`` arguments to the default exchange, by queue (as bounded as keys).
 _routes: dict[str, bytes] = {}
 
@@ -116,6 +120,22 @@ def publish(channel: Any, queue: str, content: TaskContent) -> None:
         # As py-amqp: a write timeout means the socket is dead, for kombu's ensure() to
         # reconnect.
         raise RecoverableConnectionError("basic_publish: timed out") from None
+
+
+def ack(message: Any, multiple: bool = False) -> None:
+    """Acknowledge kombu's py-amqp ``message`` (``multiple``: every message before it on its
+    channel too), as ``message.ack()`` does, writing the ``basic.ack`` frame itself: py-amqp
+    builds that through several layers, a promise and a shared buffer."""
+    channel = message.channel
+    conn = channel.connection
+    if conn is None:
+        raise RecoverableConnectionError("basic_ack: connection closed")
+    if message.acknowledged:
+        raise MessageStateError(f"Message already acknowledged with state: {message._state}")
+    conn.transport.write(ACK_FRAME.pack(1, channel.channel_id, 13, 60, 80, message.delivery_tag,
+                                        multiple, _FRAME_END))
+    conn.bytes_sent += 1  # as py-amqp counts, for heartbeats
+    message._state = "ACK"
 
 
 class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]

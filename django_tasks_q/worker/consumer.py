@@ -26,6 +26,7 @@ from .. import broker, client, conf, execute, message, registry, signals, workfl
 from ..exceptions import TaskNotRegistered, TimeLimitExceeded, WorkerLostError
 from ..models import TaskResult, TaskState
 from ..outage import Outage
+from ..transport import amqp
 from .parking import PARK_AFTER, PARK_BATCH, PARK_COLLECT, Parking
 from .pool import LOST, QUEUE_BEHIND_UNDER, Job, Pool
 from .ratelimit import RateLimits
@@ -482,7 +483,7 @@ class Consumer:
         if len(run) > 1:
             for job in run:
                 self._settled(job)
-            self._acknowledge(run, lambda: run[-1].message.ack(multiple=True))
+            self._acknowledge(run, lambda: amqp.ack(run[-1].message, multiple=True))
         for job in due:
             self._settle(job, ACK)  # those not in the run
 
@@ -843,8 +844,13 @@ class Consumer:
             if self._connected:
                 self._settle_orphans()
             return
-        self._acknowledge([job], job.message.ack if how == ACK else functools.partial(
-            job.message.reject, requeue=how == REQUEUE), how)
+        if how != ACK:
+            send = functools.partial(job.message.reject, requeue=how == REQUEUE)
+        elif self._unsettled is not None:  # AMQP
+            send = functools.partial(amqp.ack, job.message)
+        else:
+            send = job.message.ack
+        self._acknowledge([job], send, how)
 
     def _settled(self, job: Job) -> None:
         job.settled = True
