@@ -17,6 +17,7 @@ from django.db import DatabaseError, close_old_connections, connections
 from .. import broker, execute, signals, workflow
 from ..exceptions import EnqueueError
 from ..message import TaskMessage
+from .frames import Frames
 
 logger = logging.getLogger("django_tasks_q.worker")
 
@@ -66,11 +67,15 @@ def main(pipe: Connection, hostname: str, max_tasks: int | None,
     drop_inherited_db_connections()
     signals.worker_process_init.send(sender=None)
     done = 0
+    frames = Frames(pipe.fileno())
     while max_tasks is None or done < max_tasks:
         try:
-            msg: TaskMessage = pickle.loads(pipe.recv_bytes())
-        except (EOFError, OSError):
+            data = frames.next()
+        except OSError:
             break
+        if data is None:
+            break
+        msg: TaskMessage = pickle.loads(data)
         outcome = run_one(msg, hostname)
         done += 1
         if max_memory is not None and (used := resident_kib()) > max_memory:

@@ -23,6 +23,7 @@ from django.db import connections
 from .. import conf, execute
 from ..message import TaskMessage
 from . import child
+from .frames import Frames
 
 logger = logging.getLogger("django_tasks_q.worker")
 
@@ -172,6 +173,7 @@ class ThreadPool(Pool):
 class _Child:
     pid: int
     pipe: Connection
+    frames: Frames  # what comes through the pipe
     jobs: deque[Job] = field(default_factory=deque)  # the one running, then one queued behind
     done: int = 0
     retiring: bool = False  # reached max_tasks_per_child: exits after its last job
@@ -240,7 +242,7 @@ class PreforkPool(Pool):
             finally:
                 os._exit(code)
         child_end.close()
-        kid = _Child(pid, parent_end)
+        kid = _Child(pid, parent_end, Frames(parent_end.fileno()))
         self._children[pid] = kid
         if self.hub is not None:
             self.hub.add_reader(parent_end.fileno(), self._on_readable, kid)
@@ -260,10 +262,15 @@ class PreforkPool(Pool):
 
     def _on_readable(self, kid: _Child) -> None:
         try:
-            outcome: execute.Outcome = pickle.loads(kid.pipe.recv_bytes())
-        except (EOFError, OSError):
+            alive = kid.frames.read()
+        except OSError:
+            alive = False
+        while (data := kid.frames.take()) is not None:
+            self._finished(kid, pickle.loads(data))
+        if not alive:
             self._on_exit(kid)
-            return
+
+    def _finished(self, kid: _Child, outcome: execute.Outcome) -> None:
         now = kid.idle_since = time.monotonic()
         job = kid.jobs.popleft() if kid.jobs else None
         kid.done += 1
