@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
+# A confirm is a basic.ack (or basic.nack) frame from RabbitMQ.
 from .transport.amqp import ACK_FRAME, READ_SIZE
 
 T = TypeVar("T")
 
-_CONFIRM = ACK_FRAME  # a confirm is a basic.ack (or basic.nack) from RabbitMQ
 _ACK, _NACK, _FRAME_END = 80, 120, 0xCE
 
 
@@ -83,12 +83,12 @@ class Confirms(Generic[T]):
         were any."""
         buf = transport._read_buffer
         end, pos, channel_id = len(buf), 0, self.channel.channel_id
-        while end - pos >= _CONFIRM.size:
-            kind, channel, size, cls, method, tag, bits, frame_end = _CONFIRM.unpack_from(buf, pos)
+        while end - pos >= ACK_FRAME.size:
+            kind, channel, size, cls, method, tag, bits, frame_end = ACK_FRAME.unpack_from(buf, pos)
             if (kind, channel, size, cls, frame_end) != (1, channel_id, 13, 60, _FRAME_END) or (
                     method != _ACK and method != _NACK):
                 break
-            pos += _CONFIRM.size
+            pos += ACK_FRAME.size
             if method == _ACK:
                 self._settle(tag, bool(bits & 1))
             else:

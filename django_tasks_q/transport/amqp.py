@@ -10,10 +10,11 @@ publisher reads its confirms when it waits for them.
 
 ``Transport`` is kombu's py-amqp transport reading ahead: py-amqp reads each frame in three
 ``recv`` calls (header, payload, frame end), and a delivery is three frames; and kombu's event
-loop asks for the next frame with a zero timeout, which py-amqp applies by switching the socket
-to non-blocking and back around every read. Here a read takes whatever has arrived, up to
-``READ_SIZE``, and frames are cut from that; a zero timeout is a non-blocking ``recv`` flag, so
-the socket's mode is left alone.
+loop asks for one message at a time with a zero timeout, which py-amqp applies by switching the
+socket to non-blocking and back around every read. Here the event loop's reader takes whatever
+has arrived, up to ``READ_SIZE``, in one non-blocking ``recv`` (the socket's mode left alone),
+and handles every frame cut from it. A wait for a reply reads to the end of its frame and no
+further, as py-amqp does.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]
         try:
             data = recv(*args)
         except (BlockingIOError, TimeoutError):
-            raise
+            raise  # nothing yet: the connection is fine
         except OSError as exc:
             if exc.errno not in _UNAVAILABLE:
                 self.connected = False

@@ -72,8 +72,8 @@ def main(pipe: Connection, hostname: str, max_tasks: int | None,
         try:
             data = frames.next()
         except OSError:
-            break
-        if data is None:
+            data = None
+        if data is None:  # the parent closed the pipe, or is gone
             break
         msg: TaskMessage = pickle.loads(data)
         outcome = run_one(msg, hostname)
