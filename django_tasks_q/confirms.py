@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 # A confirm is a basic.ack (or basic.nack) frame from RabbitMQ.
-from .transport.amqp import ACK_FRAME, READ_SIZE
+from .transport.amqp import ACK_FRAME, FRAME_END, READ_SIZE, receive
 
 T = TypeVar("T")
 
-_ACK, _NACK, _FRAME_END = 80, 120, 0xCE
+_ACK, _NACK = 80, 120
 
 
 class ConfirmTimeout(Exception):
@@ -66,11 +66,7 @@ class Confirms(Generic[T]):
                         conn.drain_events(timeout=timeout)
                     else:
                         with transport.having_timeout(timeout):
-                            data = transport._quick_recv(READ_SIZE)
-                        if not data:
-                            transport.connected = False
-                            raise OSError("Server unexpectedly closed connection")
-                        transport._read_buffer += data
+                            receive(transport, transport._quick_recv, READ_SIZE)
             except TimeoutError:
                 raise ConfirmTimeout(
                     f"RabbitMQ confirmed none of {len(self._unconfirmed)} messages within "
@@ -85,7 +81,7 @@ class Confirms(Generic[T]):
         end, pos, channel_id = len(buf), 0, self.channel.channel_id
         while end - pos >= ACK_FRAME.size:
             kind, channel, size, cls, method, tag, bits, frame_end = ACK_FRAME.unpack_from(buf, pos)
-            if (kind, channel, size, cls, frame_end) != (1, channel_id, 13, 60, _FRAME_END) or (
+            if (kind, channel, size, cls, frame_end) != (1, channel_id, 13, 60, FRAME_END) or (
                     method != _ACK and method != _NACK):
                 break
             pos += ACK_FRAME.size

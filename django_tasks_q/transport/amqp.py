@@ -38,7 +38,7 @@ _CONTENT_METHODS = frozenset((spec.Basic.Deliver, spec.Basic.GetOk, spec.Basic.R
 _METHOD = Struct(">HH")
 #: A frame's type, channel and payload size; the payload and the frame-end octet follow.
 _FRAME_HEADER = Struct(">BHI")
-_FRAME_END = 0xCE
+FRAME_END = 0xCE
 #: How much one read of the socket takes at most.
 READ_SIZE = 65536
 #: A read failing with these leaves the connection up (as py-amqp has it).
@@ -134,9 +134,26 @@ def ack(message: Any, multiple: bool = False) -> None:
     if message.acknowledged:
         raise MessageStateError(f"Message already acknowledged with state: {message._state}")
     conn.transport.write(ACK_FRAME.pack(1, channel.channel_id, 13, 60, 80, message.delivery_tag,
-                                        multiple, _FRAME_END))
+                                        multiple, FRAME_END))
     conn.bytes_sent += 1  # as py-amqp counts, for heartbeats
     message._state = "ACK"
+
+
+def receive(transport: Any, recv: Any, *args: int) -> None:
+    """Add what ``recv(*args)``, a read of py-amqp ``transport``'s socket, returns to its read
+    buffer; a closed socket, or a failed read, leaves the transport disconnected."""
+    try:
+        data = recv(*args)
+    except (BlockingIOError, TimeoutError):
+        raise  # nothing yet: the connection is fine
+    except OSError as exc:
+        if exc.errno not in _UNAVAILABLE:
+            transport.connected = False
+        raise
+    if not data:
+        transport.connected = False
+        raise OSError("Server unexpectedly closed connection")
+    transport._read_buffer += data
 
 
 class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]
@@ -161,7 +178,7 @@ class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]
         end = 7 + size
         if len(buf) <= end:
             return None
-        if buf[end] != _FRAME_END:
+        if buf[end] != FRAME_END:
             raise UnexpectedFrame(f"Received frame_end {buf[end]:#04x} while expecting 0xce")
         payload = bytes(buf[7:end])
         del buf[:end + 1]
@@ -176,7 +193,7 @@ class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]
                 return frame
             buf = self._read_buffer
             need = 8 if len(buf) < 8 else 8 + _FRAME_HEADER.unpack_from(buf)[2]
-            self._receive(self.sock.recv, need - len(buf))
+            receive(self, self.sock.recv, need - len(buf))
 
     def read_ahead(self) -> bool:
         """Add what has arrived, up to ``READ_SIZE``, to the buffer without waiting; whether
@@ -184,28 +201,13 @@ class ReadAheadTCP(amqp_transport.TCPTransport):  # type: ignore[misc]
         sock = self.sock
         try:
             if sock.gettimeout() is None:  # blocking: one call, the socket's mode left alone
-                self._receive(sock.recv, READ_SIZE, socket.MSG_DONTWAIT)
+                receive(self, sock.recv, READ_SIZE, socket.MSG_DONTWAIT)
             else:
                 with self.having_timeout(0):
-                    self._receive(sock.recv, READ_SIZE)
+                    receive(self, sock.recv, READ_SIZE)
         except (BlockingIOError, TimeoutError):
             return False
         return True
-
-    def _receive(self, recv: Any, *args: int) -> None:
-        try:
-            data = recv(*args)
-        except (BlockingIOError, TimeoutError):
-            raise  # nothing yet: the connection is fine
-        except OSError as exc:
-            if exc.errno not in _UNAVAILABLE:
-                self.connected = False
-            raise
-        if not data:
-            self.connected = False
-            raise OSError("Server unexpectedly closed connection")
-        self._read_buffer += data
-
 
 class _Connection(pyamqp.Connection):
     """kombu's py-amqp connection on ``ReadAheadTCP`` (TLS stays on py-amqp's own), its
