@@ -11,7 +11,7 @@ import reprlib
 import signal
 import threading
 import traceback as tb_module
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -276,8 +276,19 @@ def run_coroutine(coro: Coroutine[Any, Any, Any], soft_limit: float | None = Non
     return async_to_sync(bounded)()
 
 
+#: Whether each task function is a coroutine function: inspect's answer, asked once.
+_coroutine_functions: dict[Callable[..., Any], bool] = {}
+
+
+def _is_coroutine_function(run: Callable[..., Any]) -> bool:
+    known = _coroutine_functions.get(run)
+    if known is None:
+        known = _coroutine_functions[run] = inspect.iscoroutinefunction(run)
+    return known
+
+
 def _call(task: Task[Any, Any], msg: TaskMessage, soft_limit: float | None) -> Any:
-    if inspect.iscoroutinefunction(task.run):
+    if _is_coroutine_function(task.run):
         return run_coroutine(task(*msg.args, **msg.kwargs), soft_limit)
     with soft_time_limit(soft_limit):
         value = task(*msg.args, **msg.kwargs)

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -22,6 +23,10 @@ from .frames import Frames
 logger = logging.getLogger("django_tasks_q.worker")
 
 PR_SET_PDEATHSIG = 1
+#: A child checks its database connections after every job, and before one only when it has
+#: waited longer than this since (Django's check, made for each request, costs a good part of
+#: running a short task).
+RECHECK_AFTER = 1.0
 
 
 def _die_with_parent() -> None:
@@ -68,6 +73,7 @@ def main(pipe: Connection, hostname: str, max_tasks: int | None,
     signals.worker_process_init.send(sender=None)
     done = 0
     frames = Frames(pipe.fileno())
+    checked = float("-inf")  # when the connections were last checked
     while max_tasks is None or done < max_tasks:
         try:
             data = frames.next()
@@ -76,7 +82,8 @@ def main(pipe: Connection, hostname: str, max_tasks: int | None,
         if data is None:  # the parent closed the pipe, or is gone
             break
         msg: TaskMessage = pickle.loads(data)
-        outcome = run_one(msg, hostname)
+        outcome = run_one(msg, hostname, check_first=time.monotonic() - checked > RECHECK_AFTER)
+        checked = time.monotonic()
         done += 1
         if max_memory is not None and (used := resident_kib()) > max_memory:
             logger.warning("Pool child %d uses %d KiB, over --max-memory-per-child %d KiB: "
@@ -88,9 +95,11 @@ def main(pipe: Connection, hostname: str, max_tasks: int | None,
     return 0
 
 
-def run_one(msg: TaskMessage, hostname: str) -> execute.Outcome:
-    """Run one job with fresh database connections; never raise."""
-    close_old_connections()
+def run_one(msg: TaskMessage, hostname: str, check_first: bool = True) -> execute.Outcome:
+    """Run one job with fresh database connections (checked before it, unless ``check_first``
+    is false, and after it); never raise."""
+    if check_first:
+        close_old_connections()
     try:
         # A workflow reads its members' rows as they end; other successes are stored by the
         # worker, many in one statement (worker/consumer.py).
