@@ -323,12 +323,12 @@ class Publisher:
             self._confirms = Confirms(channel)
         while self._outbox:
             item = self._outbox[0]
-            # Straight to py-amqp, as kombu's producer would send it, with the headers encoded
-            # faster (transport/amqp.py).
-            amqp_transport.publish(channel, item.queue_name, amqp_transport.TaskContent(
-                item.body.encode(), content_type="application/json", content_encoding="utf-8",
-                application_headers=item.headers, delivery_mode=2,
-                priority=wire_priority(self._conn, item.priority), **item.properties))
+            # Straight to the socket, the frames kombu's producer would have py-amqp write
+            # (transport/amqp.py).
+            amqp_transport.publish(channel, item.queue_name, item.body.encode(), {
+                "content_type": "application/json", "content_encoding": "utf-8",
+                "application_headers": item.headers, "delivery_mode": 2,
+                "priority": wire_priority(self._conn, item.priority), **item.properties})
             self._confirms.sent(self._outbox.popleft())
 
     def _make_room(self) -> None:

@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 from amqp import Channel, Message
 from amqp.exceptions import RecoverableConnectionError
+from amqp.method_framing import frame_writer
 from amqp.serialization import decode_properties_basic
 
 from django_tasks_q import message
 from django_tasks_q.transport import amqp as amqp_transport
 from django_tasks_q.transport import amqp_props
-from django_tasks_q.transport.amqp import TaskContent
 
 
 def _both(**properties: Any) -> tuple[bytes, bytes]:
     """The properties encoded by us and by py-amqp; each also decodes as py-amqp decodes it."""
-    ours = TaskContent(b"{}", **properties)._serialize_properties()
+    ours = amqp_props.encode(properties)
     theirs = Message(b"{}", **properties)._serialize_properties()
     for encoded in {ours, theirs}:
         assert amqp_props.decode(b"xx" + encoded, 2) == decode_properties_basic(encoded, 0)[0]
@@ -90,17 +90,20 @@ def test_header_names_are_cached_up_to_a_bound() -> None:
 
 
 class _Connection:
-    """What a channel's publish uses of a py-amqp connection, recorded."""
+    """What a publish uses of a py-amqp connection: its frame writer (py-amqp's own, on this
+    connection) and its transport, which records what is written and what is read."""
 
     client_properties = {"capabilities": {"connection.blocked": True}}
 
-    def __init__(self) -> None:
-        self.frames: list[tuple[Any, ...]] = []
+    def __init__(self, frame_max: int = 131072) -> None:
+        self.frame_max, self.bytes_sent = frame_max, 0
+        self.written = bytearray()
         self.reads = 0
         self.transport = self
+        self.frame_writer = frame_writer(self, self)
 
-    def frame_writer(self, *frame: Any) -> None:
-        self.frames.append(frame)
+    def write(self, data: bytes) -> None:
+        self.written += data
 
     def drain_events(self, timeout: float | None = None) -> None:
         self.reads += 1
@@ -116,23 +119,41 @@ def _channel(conn: _Connection | None) -> Channel:
     return channel
 
 
-def test_a_publish_writes_py_amqps_frames_without_reading_first() -> None:
-    content = TaskContent(b'{"x": 1}', content_type="application/json", delivery_mode=2,
-                          application_headers={"id": "abc"})
-    theirs, ours = _Connection(), _Connection()
-    _channel(theirs).basic_publish(content, exchange="", routing_key="q1")
-    amqp_transport.publish(_channel(ours), "q1", content)
-    assert ours.frames == theirs.frames and len(ours.frames) == 1
+def _publish_both(queue: str, body: bytes, frame_max: int = 131072,
+                  **properties: Any) -> tuple[_Connection, _Connection]:
+    """The same message published by py-amqp and by us, each on a connection of its own."""
+    theirs, ours = _Connection(frame_max), _Connection(frame_max)
+    _channel(theirs).basic_publish(Message(body, **properties), exchange="", routing_key=queue)
+    amqp_transport.publish(_channel(ours), queue, body, properties)
+    return theirs, ours
+
+
+def test_a_publish_writes_py_amqps_bytes_without_reading_first() -> None:
+    msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.add", args=[1, "é"],
+                              kwargs={}, queue="q1", priority=3)
+    body, headers, properties = message.encode(msg)
+    theirs, ours = _publish_both("q1", body.encode(), content_type="application/json",
+                                 content_encoding="utf-8", application_headers=headers,
+                                 delivery_mode=2, priority=3, **properties)
+    assert ours.written == theirs.written and len(ours.written) > len(body) + 200
+    assert (theirs.bytes_sent, ours.bytes_sent) == (1, 1)  # what heartbeats count
     assert (theirs.reads, ours.reads) == (1, 0)  # py-amqp reads before every message
     with pytest.raises(RecoverableConnectionError):
-        amqp_transport.publish(_channel(None), "q1", content)
+        amqp_transport.publish(_channel(None), "q1", b"{}", {})
+
+
+@pytest.mark.parametrize("size", [0, 1, 4088, 4089, 10000])
+def test_a_body_is_cut_into_frames_as_py_amqp_cuts_it(size: int) -> None:
+    # frame_max 4096: at most 4088 octets of body per frame
+    theirs, ours = _publish_both("q1", bytes(range(256)) * (size // 256) + b"x" * (size % 256),
+                                 frame_max=4096, delivery_mode=2)
+    assert ours.written == theirs.written
 
 
 def test_routes_are_cached_up_to_a_bound() -> None:
-    conn, content = _Connection(), TaskContent(b"{}")
+    conn = _Connection()
     for i in range(amqp_props.KEYS_CACHED + 10):
-        amqp_transport.publish(_channel(conn), f"queue-{i}", content)
+        amqp_transport.publish(_channel(conn), f"queue-{i}", b"{}", {})
     assert len(amqp_transport._routes) <= amqp_props.KEYS_CACHED
-    last = _Connection()
-    _channel(last).basic_publish(content, exchange="", routing_key=f"queue-{i}")
-    assert conn.frames[-1] == last.frames[0]  # beyond the bound: encoded each time, the same
+    theirs, ours = _publish_both(f"queue-{i}", b"{}")  # beyond the bound: encoded each time
+    assert ours.written == theirs.written
