@@ -176,7 +176,7 @@ def test_a_waiting_consumer_gets_a_message_published_later(
         drain_until(conn, got, 1)
         later.join()
         assert [m.headers["id"] for m in got] == ids
-        # Recorded as unacked by commands sent before it was handed over, without waiting for
+        # Recorded as unacked by commands sent once it was handed over, without waiting for
         # their replies.
         channel = got[0].channel
         assert channel._ack_replies == 2
@@ -185,6 +185,32 @@ def test_a_waiting_consumer_gets_a_message_published_later(
         assert redis_client.zcard("unacked_index") == 1
         got[0].ack()
     assert unacked(redis_client) == {}
+
+
+def test_a_message_taken_by_brpop_and_given_back_at_once_comes_back(
+        redis_client: redis.Redis, qname: str) -> None:
+    # Its record is sent after the consumer's callback: a requeue inside the callback (as the
+    # worker does with a message it cannot run) must still find it.
+    seen: list[str] = []
+
+    def give_back_first(message: Any) -> None:
+        seen.append(message.headers["id"])
+        if len(seen) == 1:
+            assert message.channel.qos._unrecorded  # not written yet
+            message.reject(requeue=True)
+        else:
+            message.ack()
+
+    with broker.connection() as conn:
+        consume(conn, qname, prefetch=4, on_message=give_back_first)
+        drain_once(conn)  # every queue empty: the channel now waits in BRPOP
+        later = threading.Timer(0.3, lambda: publish(qname, 1))
+        later.start()
+        drain_until(conn, seen, 2)
+        later.join()
+        conn.default_channel.qos.confirm_acks()
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert unacked(redis_client) == {} and waiting(redis_client, qname) == 0
 
 
 def test_a_global_key_prefix_applies_to_every_key_the_script_touches(
@@ -257,6 +283,25 @@ def test_a_slow_reply_is_waited_for(redis_client: redis.Redis, qname: str) -> No
     publish(qname, 1)
     assert time.monotonic() - started >= 0.25
     assert waiting(redis_client, qname) == 2
+
+
+def test_only_a_publish_that_follows_another_polls_for_its_reply(
+        redis_client: redis.Redis, qname: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spins: list[float] = []
+    real = redis_transport.lpush
+
+    def spy(conn: Any, key: bytes, value: bytes, spin: float = 0.0) -> None:
+        spins.append(spin)
+        real(conn, key, value, spin)
+
+    monkeypatch.setattr(redis_transport, "lpush", spy)
+    publish(qname, 3)  # back to back
+    time.sleep(redis_transport.BURST_SECONDS * 5)
+    publish(qname, 1)  # on its own: blocks on the socket, leaving the CPU to Redis and workers
+    # (A stall of over a millisecond between the first three would make one of them "alone".)
+    assert spins[0] == spins[3] == 0.0
+    assert redis_transport.SPIN_SECONDS in spins[1:3]
+    assert waiting(redis_client, qname) == 4
 
 
 def test_acks_taken_later_free_the_slot_at_once_and_reach_redis_together(

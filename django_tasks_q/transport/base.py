@@ -73,6 +73,7 @@ if TYPE_CHECKING:
         """kombu's Redis QoS, which records unacknowledged messages in Redis."""
 
         def append(self, message: virtual.Message, delivery_tag: str) -> None: ...
+        def reject(self, delivery_tag: str, requeue: bool = False) -> None: ...
 
     class RedisChannel(redis.Channel):
         """kombu's Redis channel."""

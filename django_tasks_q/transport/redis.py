@@ -10,9 +10,10 @@ kombu's own unacked layout (so kombu's and Celery's restore, acknowledge and rej
 unchanged). Several are taken per round trip, up to the free prefetch; while the worker has
 received work waiting for its pool, a fetch of less than half the window waits a little for more
 room. Only when every queue is empty does the channel block in ``BRPOP`` to wait for the next
-message; one that arrives then is recorded as kombu records it, in commands sent before it is
-handed over, without waiting for Redis's answer. Acknowledgements are sent in batches, the same
-way; the answers are read with the next batch (``QoS``).
+message; one that arrives then is recorded as kombu records it, in commands sent as soon as it
+is handed over (so that its task starts sooner), without waiting for Redis's answer.
+Acknowledgements are sent in batches, the same way; the answers are read with the next batch
+(``QoS``).
 
 Publishing writes kombu's message envelope, key for key, in one ``LPUSH`` on a connection the
 channel holds for it (kombu builds two clients per publish and goes through its producer's
@@ -42,8 +43,11 @@ from .base import RedisChannel, RedisQoS
 
 #: The most messages one round trip takes (the free prefetch bounds it too).
 POP_LIMIT = 100
-#: How long a publish polls for Redis's reply before it blocks on the socket instead.
+#: How long a publish that follows another polls for Redis's reply before it blocks on the
+#: socket instead.
 SPIN_SECONDS = 0.0005
+#: A publish "follows another" when it starts within this long of the previous one's end.
+BURST_SECONDS = 0.001
 #: An LPUSH's reply is ``:<length>\r\n`` or ``-<error>\r\n``.
 REPLY_BUFFER = 512
 
@@ -81,14 +85,14 @@ return taken
 """
 
 
-def lpush(conn: Any, key: bytes, value: bytes) -> None:
+def lpush(conn: Any, key: bytes, value: bytes, spin: float = 0.0) -> None:
     """``LPUSH key value`` on redis-py connection ``conn``; return once Redis has replied.
 
-    The reply is polled for, without blocking, for up to ``SPIN_SECONDS``: on loopback it comes
+    The reply is polled for, without blocking, for up to ``spin`` seconds: on loopback it comes
     within tens of microseconds, and a blocking read spends as long again being woken. TLS
     sockets, and replies slower than that, are read the blocking way."""
     sock = conn._sock
-    if isinstance(sock, ssl.SSLSocket):
+    if isinstance(sock, ssl.SSLSocket) or not spin:
         conn.send_packed_command(conn.pack_command("LPUSH", key, value), check_health=False)
         conn.read_response()
         return
@@ -96,7 +100,7 @@ def lpush(conn: Any, key: bytes, value: bytes) -> None:
                  % (len(key), key, len(value), value))
     timeout = sock.gettimeout()
     reply = b""
-    deadline = monotonic() + SPIN_SECONDS
+    deadline = monotonic() + spin
     sock.settimeout(0.0)
     try:
         while not reply.endswith(b"\r\n"):
@@ -121,22 +125,49 @@ class QoS(BatchedAcks, RedisQoS):
     by ``BRPOP`` is recorded without waiting for Redis, and acknowledgements can be sent
     together (``BatchedAcks``). Both writes go on a connection held for them, and their replies
     are read on the next acknowledgement (when they are there already) or by
-    ``confirm_acks``."""
+    ``confirm_acks``. kombu's own ``ack`` and ``reject``, which go through another connection,
+    wait for those writes first, so that they find the record."""
 
     channel: Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unrecorded: list[tuple[Any, str]] = []  # taken by BRPOP, record not sent yet
 
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded = self.channel.recorded
         if delivery_tag in recorded:
             recorded.discard(delivery_tag)
         else:
-            # kombu's unacked record (ZADD and HSET), sent before the message is handed over.
-            info = message.delivery_info
-            prefix = self.channel.global_keyprefix or ""
-            self._send([("ZADD", prefix + self.unacked_index_key, time(), delivery_tag),
-                        ("HSET", prefix + self.unacked_key, delivery_tag,
-                         dumps([message._raw, info["exchange"], info["routing_key"]]))])
+            # Recorded once the message is handed over (send_records), so that its task is
+            # not started later for the time it takes to write the record.
+            self._unrecorded.append((message, delivery_tag))
         virtual.QoS.append(self, message, delivery_tag)
+
+    def send_records(self) -> None:
+        """Send kombu's unacked record (``ZADD`` and ``HSET``) of the messages taken by
+        ``BRPOP``, without waiting for Redis. Every later write on the connection follows it."""
+        if self._unrecorded:
+            self._send([])
+
+    def _records(self) -> list[tuple[Any, ...]]:
+        taken, self._unrecorded = self._unrecorded, []
+        prefix, now = self.channel.global_keyprefix or "", time()
+        commands: list[tuple[Any, ...]] = []
+        for message, tag in taken:
+            info = message.delivery_info
+            commands += [("ZADD", prefix + self.unacked_index_key, now, tag),
+                         ("HSET", prefix + self.unacked_key, tag,
+                          dumps([message._raw, info["exchange"], info["routing_key"]]))]
+        return commands
+
+    def ack(self, delivery_tag: str) -> None:
+        self.confirm_acks()
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self.confirm_acks()  # a requeue reads the message back from its record
+        super().reject(delivery_tag, requeue)
 
     def send_acks(self, delivery_tags: list[str]) -> None:
         """``ZREM`` and ``HDEL`` the tags from kombu's unacked index and table. Both commands
@@ -146,9 +177,11 @@ class QoS(BatchedAcks, RedisQoS):
                     ("HDEL", prefix + self.unacked_key, *delivery_tags)], confirm=True)
 
     def _send(self, commands: list[tuple[Any, ...]], confirm: bool = False) -> None:
-        """Send ``commands`` without waiting for their replies; with ``confirm``, read those of
-        the commands sent before first (raising if one failed)."""
+        """Send the records not sent yet, then ``commands``, without waiting for their replies;
+        with ``confirm``, read those of the commands sent before first (raising if one
+        failed)."""
         channel = self.channel
+        commands = self._records() + commands
         try:
             conn = channel._ack_conn = channel._ack_conn or channel.own_connection()
             if confirm:
@@ -160,6 +193,7 @@ class QoS(BatchedAcks, RedisQoS):
             raise
 
     def confirm_acks(self) -> None:
+        self.send_records()
         channel = self.channel
         try:
             while channel._ack_replies:
@@ -183,6 +217,7 @@ class Channel(RedisChannel):
         self._wait_next = False  # the last script found every queue empty
         self._sync_client: Any = None  # built once, on first use (see conn_or_acquire)
         self._publish_conn: Any = None  # put_direct's own connection
+        self._published_at = float("-inf")  # when put_direct last returned (monotonic)
         self._ack_conn: Any = None  # the connection QoS records and acknowledges on
         self._ack_replies = 0  # replies to those writes not read yet
         #: Set by the consumer: called with the free prefetch before a fetch that would take
@@ -206,7 +241,11 @@ class Channel(RedisChannel):
                    properties: dict[str, Any], priority: int | None) -> None:
         """Publish a JSON ``body`` to ``queue`` through the default exchange: the message kombu's
         ``Producer.publish`` writes, in one ``LPUSH`` (see ``lpush``) on a connection held for
-        publishing. Errors reach the caller; the connection is then made again next time."""
+        publishing. Errors reach the caller; the connection is then made again next time.
+
+        Only a publish that closely follows another polls for the reply (``SPIN_SECONDS``):
+        one on its own blocks on the socket and leaves the CPU to Redis and to the workers,
+        which on a shared machine would otherwise start its task later."""
         encoded, encoding = self.encode_body(body, self.body_encoding)
         pri = self.default_priority if priority is None else priority
         # kombu's envelope, key for key (prepare_message, then _inplace_augment_message).
@@ -219,12 +258,15 @@ class Channel(RedisChannel):
         }
         key = (self.global_keyprefix or "") + self._q_for_pri(queue, pri)
         conn = self._publish_conn = self._publish_conn or self.own_connection()
+        follows = monotonic() - self._published_at < BURST_SECONDS
         try:
-            lpush(conn, key.encode(), to_json(message).encode())
+            lpush(conn, key.encode(), to_json(message).encode(),
+                  SPIN_SECONDS if follows else 0.0)
         except BaseException:
             self._publish_conn = None
             conn.disconnect()
             raise
+        self._published_at = monotonic()
 
     def own_connection(self) -> Any:
         """A connection of the channel's pool, connected, held by whoever asked for it."""
@@ -275,7 +317,10 @@ class Channel(RedisChannel):
     def _brpop_read(self, **options: Any) -> bool:
         if self._blocking:
             self._blocking = False
-            return bool(super()._brpop_read(**options))
+            try:
+                return bool(super()._brpop_read(**options))
+            finally:
+                self.qos.send_records()
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, "EVALSHA", **options)
