@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
+from kombu.exceptions import DecodeError
 from kombu.message import Message
 from kombu.messaging import Producer
 from kombu.pidbox import Mailbox
@@ -22,8 +23,10 @@ from kombu.transport import redis as kombu_redis
 from . import conf
 from .confirms import Confirms, ConfirmTimeout
 from .exceptions import EnqueueError
+from .message import CONTENT_TYPE
 from .transport import amqp as amqp_transport
 from .transport import redis as redis_transport
+from .transport import wirejson
 
 TRANSPORT_ALIASES.setdefault("django", "django_tasks_q.transport.django:Transport")
 
@@ -143,6 +146,19 @@ def received_priority(raw: Message) -> int | None:
     if isinstance(raw.channel, kombu_redis.Channel):
         priority = MAX_PRIORITY - priority
     return _clamp(priority)
+
+
+def decode_body(raw: Message) -> Any:
+    """``raw.decode()``; a JSON body, when accepted, by ``wirejson.loads`` (kombu's serializer
+    registry adds its lookups, and an object hook run in Python, to every message)."""
+    accept = raw.accept
+    if (raw.content_type == CONTENT_TYPE and raw.body and accept is not None
+            and CONTENT_TYPE in accept and (raw.content_encoding or "utf-8").lower() == "utf-8"):
+        try:
+            return wirejson.loads(raw.body)
+        except ValueError as exc:
+            raise DecodeError(exc) from exc
+    return raw.decode()
 
 
 def _clamp(priority: int) -> int:

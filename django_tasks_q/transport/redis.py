@@ -32,12 +32,12 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from ..message import CONTENT_ENCODING, CONTENT_TYPE, new_id, to_json
+from . import wirejson
 from .acks import BatchedAcks
 from .base import RedisChannel, RedisQoS
 
@@ -341,7 +341,7 @@ class Channel(RedisChannel):
         for index, item, recorded in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
             queue = self._popping[int(index) - 1]
             self._queue_cycle.rotate(queue)
-            payload = loads(bytes_to_str(item))
+            payload = wirejson.loads(item)
             if int(recorded):
                 self.recorded.add(payload["properties"]["delivery_tag"])
             self.connection._deliver(payload, queue)

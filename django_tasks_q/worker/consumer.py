@@ -368,7 +368,7 @@ class Consumer:
         """A message arrived: parse it, then start it, hold it until due, or drop it."""
         self._received = True
         try:
-            body = raw.decode()
+            body = broker.decode_body(raw)
             info = raw.delivery_info or {}
             msg = message.decode(raw.headers, body, queue=info.get("routing_key") or "",
                                  priority=broker.received_priority(raw))
