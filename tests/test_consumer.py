@@ -73,27 +73,28 @@ def test_successes_kept_under_all_are_stored_together_before_their_acks(settings
     assert queue_size() == 0
 
 
+@pytest.mark.parametrize("rows", [True, False], ids=["storing-rows", "no-rows"])
 @pytest.mark.parametrize("short", [True, False], ids=["short-tasks", "long-tasks"])
-def test_short_tasks_storing_rows_get_room_in_the_window_while_they_do(
-        settings: Any, monkeypatch: pytest.MonkeyPatch, short: bool) -> None:
-    # Finished tasks hold their slots (memory://, as RabbitMQ) until their rows are written.
-    settings.TASKS_Q = {**settings.TASKS_Q, "RESULTS": "all"}
+def test_short_tasks_get_room_in_the_window_while_they_run(
+        monkeypatch: pytest.MonkeyPatch, short: bool, rows: bool) -> None:
+    # Finished tasks hold their slots (memory://, as RabbitMQ) until acknowledged, and those
+    # storing a row (multiply: results="all") until it is written.
     if not short:
         monkeypatch.setattr(consumer_module, "QUEUE_BEHIND_UNDER", 0.0)  # every task is long
     windows: list[int] = []
     monkeypatch.setattr(Consumer, "_set_prefetch", lambda self: windows.append(self._window()))
     for n in range(6):
-        tasks.multiply.delay(n, 2)
+        (tasks.multiply if rows else tasks.add).delay(n, 2)
     pool = POOLS["solo"](1, "t", on_done=lambda j, o: None)
     consumer = Consumer(["default"], pool, "t", prefetch=4)
     assert len(run_consumer(consumer, 6, 15)) == 6
-    room = [w for w in windows if w == 4 + consumer_module.ROW_ROOM]
-    assert bool(room) is short and set(windows) <= {4, 4 + consumer_module.ROW_ROOM}
+    room = [w for w in windows if w == 4 + consumer_module.SHORT_ROOM]
+    assert bool(room) is short and set(windows) <= {4, 4 + consumer_module.SHORT_ROOM}
     windows.clear()
-    consumer._check_row_room()  # short tasks stored rows since the last look: kept
-    consumer._check_row_room()  # none since: taken back
+    consumer._check_short_room()  # short tasks finished since the last look: kept
+    consumer._check_short_room()  # none since: taken back
     assert windows == ([4] if short else [])
-    assert TaskResult.objects.filter(status="SUCCESS").count() == 6
+    assert TaskResult.objects.filter(status="SUCCESS").count() == (6 if rows else 0)
 
 
 def test_successes_whose_rows_cannot_be_written_are_given_back_and_run_again(

@@ -19,7 +19,7 @@ from django_tasks_q import checks, conf, message
 from django_tasks_q.execute import REQUEUE, Outcome
 from django_tasks_q.management.commands import taskworker
 from django_tasks_q.worker.main import Worker, WorkerOptions, parse_autoscale
-from django_tasks_q.worker.pool import Job, PreforkPool
+from django_tasks_q.worker.pool import QUEUE_BEHIND_MOST, Job, PreforkPool
 
 from . import tasks
 
@@ -317,17 +317,40 @@ def test_a_short_task_waits_in_a_busy_child_behind_another_and_runs_next(
     assert not pool.takes(run_job(tasks.add.name, 0, 0))  # how long it takes is not known yet
     hub.read(pid)
 
-    second, third = run_job(tasks.add.name, 2, 3), run_job(tasks.add.name, 3, 4)
-    pool.submit(second)
-    assert pool.takes(third)  # add took well under QUEUE_BEHIND_UNDER: one may wait behind it
-    pool.submit(third)
-    assert pool.active() == [second, third]
-    assert not pool.takes(run_job(tasks.add.name, 0, 0))  # one waits at most
-    while len(outcomes) < 3:  # both outcomes may come in one read of the pipe
+    running = run_job(tasks.add.name, 2, 3)
+    pool.submit(running)
+    behind = [run_job(tasks.add.name, n, 4) for n in range(QUEUE_BEHIND_MOST)]
+    for job in behind:
+        assert pool.takes(job)  # add took well under QUEUE_BEHIND_UNDER: they may wait
+        pool.submit(job)
+    assert pool.active() == [running, *behind]
+    assert not pool.takes(run_job(tasks.add.name, 0, 0))  # QUEUE_BEHIND_MOST wait at most
+    while len(outcomes) < 2 + QUEUE_BEHIND_MOST:  # several may come in one read of the pipe
         hub.read(pid)
     assert [(j, o.status) for j, o in outcomes] == [
-        (first, "SUCCESS"), (second, "SUCCESS"), (third, "SUCCESS")]
+        (j, "SUCCESS") for j in (first, running, *behind)]
     assert pool.active() == [] and pool.free() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_short_task_waits_in_the_busy_child_with_the_fewest_jobs(
+        outcomes: list[tuple[Job, Outcome]]) -> None:
+    _others.clear()
+    _others.update(live_children())
+    with override_settings(TASKS_Q={"BROKER_URL": "redis://127.0.0.1:1/0"}):
+        pair = PreforkPool(2, "t", on_done=lambda j, o: outcomes.append((j, o)))
+        pair.start()
+    try:
+        pair.register(FakeHub())
+        pair._runtimes[tasks.add.name] = 0.001
+        jobs = [run_job(tasks.add.name, n, n) for n in range(6)]
+        for job in jobs:  # no outcome is taken in: every child stays busy
+            pair.submit(job)
+        first, second = jobs[0].pid, jobs[1].pid
+        assert first != second
+        assert [job.pid for job in jobs[2:]] == [first, second, first, second]
+    finally:
+        pair.kill()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -46,12 +46,13 @@ REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be store
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
 ACK_DELAY = 0.010  # seconds an acknowledgement may wait to be sent with others (_ack_soon)
 ACK_BATCH = 64  # acknowledgements sent at once without waiting for ACK_DELAY
-#: Prefetch slots added while short tasks store success rows (``results="all"``) where a
-#: finished message holds its slot until acknowledged (RabbitMQ, django://): room for those
-#: waiting for their batch to be written, so that the pool does not wait with them. Long tasks
-#: do not need it, and would only be prefetched away from other workers into it.
-ROW_ROOM = 64
-ROW_ROOM_CHECK = 1.0  # seconds without such a short task before the room is taken back
+#: Prefetch slots added while tasks finish in under ``QUEUE_BEHIND_UNDER``: room for those
+#: waiting behind another in a pool child, for those waiting for their acknowledgement or their
+#: success row (``results="all"``), and for fetches that bring many at once, so that the pool
+#: never waits for the broker between such tasks. Long tasks do not need it, and would only be
+#: prefetched away from other workers into it.
+SHORT_ROOM = 64
+SHORT_ROOM_CHECK = 1.0  # seconds without a short task before the room is taken back
 FETCH_DELAY = 0.010  # seconds a fetch of a few messages may wait for more room (_defer_fetch)
 POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take
 WATCHDOG_INTERVAL = 10.0  # seconds between looks for a consumer that receives nothing
@@ -91,8 +92,8 @@ class Consumer:
         self._orphans: list[tuple[Job, str]] = []  # (job, how) received on a lost connection
         self._acking: list[_Finished] = []  # acknowledged together shortly (_ack_soon)
         self._writer = ResultWriter(hostname, self._written)  # their success rows, first
-        self._row_room = 0  # ROW_ROOM while short tasks store success rows
-        self._short_rows = False  # one did since the last _check_row_room
+        self._short_room = 0  # SHORT_ROOM while tasks are short
+        self._short_seen = False  # one finished since the last _check_short_room
         self._acks_sent: list[Job] = []  # their acknowledgements were sent, maybe not applied
         # AMQP: the channel's delivered and unsettled messages by tag, oldest first; and those
         # that finished during this turn of the loop, acknowledged at its end (_ack_turn).
@@ -205,7 +206,7 @@ class Consumer:
             self.on_ready = None
         hub.call_repeatedly(REVOKED_REFRESH, self._refresh_revoked)
         hub.call_repeatedly(RELEASE_INTERVAL, self._release_parked)
-        hub.call_repeatedly(ROW_ROOM_CHECK, self._check_row_room)
+        hub.call_repeatedly(SHORT_ROOM_CHECK, self._check_short_room)
         self._received, self._strikes, self._stalled = False, 0, False
         hub.call_repeatedly(self.watchdog_interval, self._watchdog)
         self._channel = self.kombu.channel
@@ -438,6 +439,11 @@ class Consumer:
         meanwhile: their success rows (``results="all"``) in one statement first, then their
         acknowledgements in one round trip where the transport can (transport/acks.py), whose
         prefetch slot is free at once. A worker that dies in between runs them again."""
+        if outcome.runtime < QUEUE_BEHIND_UNDER:
+            self._short_seen = True
+            if not self._short_room:
+                self._short_room = SHORT_ROOM
+                self._set_prefetch()
         qos: Any = getattr(self._channel, "qos", None)
         later = hasattr(qos, "ack_later") and not job.stale and not job.settled
         if outcome.unstored is None and not later:
@@ -451,15 +457,10 @@ class Consumer:
         if later:
             job.settled = True
             qos.ack_later(job.message.delivery_tag)
-        elif outcome.runtime < QUEUE_BEHIND_UNDER:
-            self._short_rows = True
-            if not self._row_room:
-                self._row_room = ROW_ROOM
-                self._set_prefetch()
         self._acking.append(_Finished(job, outcome.unstored, later))
         # Those not acknowledged here yet hold their prefetch slots: sent before they fill half
         # the window.
-        if len(self._acking) >= (ACK_BATCH if later else (self.prefetch + self._row_room) // 2):
+        if len(self._acking) >= (ACK_BATCH if later else (self.prefetch + self._short_room) // 2):
             self._flush_acks()
         elif len(self._acking) == 1:
             self.hub.call_later(ACK_DELAY, self._flush_acks)
@@ -584,15 +585,15 @@ class Consumer:
         parked, held until due, or acknowledged after their rows, which would otherwise starve
         the pool."""
         return (self.prefetch + len(self.delayed) + (PARK_BATCH if self._to_park else 0)
-                + self._row_room)
+                + self._short_room)
 
-    def _check_row_room(self) -> None:
-        """Take the room for rows back once short tasks have stopped storing them (one change
+    def _check_short_room(self) -> None:
+        """Take the room for short tasks back once none has finished for a while (one change
         of the window a second at most: RabbitMQ answers each)."""
-        if self._row_room and not self._short_rows:
-            self._row_room = 0
+        if self._short_room and not self._short_seen:
+            self._short_room = 0
             self._set_prefetch()
-        self._short_rows = False
+        self._short_seen = False
 
     def _set_prefetch(self) -> None:
         if self.kombu is not None:

@@ -32,6 +32,8 @@ GROW_PAUSE = 5.0  # seconds an autoscaling pool stays at its size after a fork f
 #: A prefork child running a task may be handed the next one to start the moment it is done,
 #: when tasks of both names have taken less than this many seconds on average (PreforkPool).
 QUEUE_BEHIND_UNDER = 0.005
+#: How many such tasks may wait in one child behind the one it runs.
+QUEUE_BEHIND_MOST = 3
 RUNTIME_WEIGHT = 0.2  # of the newest runtime in a task name's running average
 
 
@@ -174,7 +176,7 @@ class _Child:
     pid: int
     pipe: Connection
     frames: Frames  # what comes through the pipe
-    jobs: deque[Job] = field(default_factory=deque)  # the one running, then one queued behind
+    jobs: deque[Job] = field(default_factory=deque)  # the one running, then those behind it
     done: int = 0
     retiring: bool = False  # reached max_tasks_per_child: exits after its last job
     idle_since: float = field(default_factory=time.monotonic)
@@ -198,8 +200,9 @@ class PreforkPool(Pool):
     """Forked children reused across jobs; a job goes to an idle child (fair dispatch).
 
     Short tasks are the exception: when none is idle, a child running a task whose name takes
-    under ``QUEUE_BEHIND_UNDER`` on average is handed one more such task, which waits in its
-    pipe and starts the moment the first ends, without a round trip through this process.
+    under ``QUEUE_BEHIND_UNDER`` on average is handed more such tasks (up to
+    ``QUEUE_BEHIND_MOST``, to the child with the fewest first), which wait in its pipe and each
+    start the moment the one before ends, without a round trip through this process.
 
     With autoscale (``min_size`` below ``size``) it starts ``min_size`` children, forks one more
     when a job is submitted while none is idle, and lets a child go once it has been idle for
@@ -374,14 +377,20 @@ class PreforkPool(Pool):
         return self._runtimes.get(name, QUEUE_BEHIND_UNDER) < QUEUE_BEHIND_UNDER
 
     def _behind(self, job: Job) -> _Child | None:
-        """A busy child that ``job`` (a short task) may wait in, behind another short task."""
+        """The busy child with the fewest jobs that ``job`` (a short task) may wait in, behind
+        short tasks only."""
         if not self._short(job.msg.name):
             return None
         cap = self.max_tasks_per_child
-        return next((kid for kid in self._children.values()
-                     if len(kid.jobs) == 1 and not kid.retiring
-                     and self._short(kid.jobs[0].msg.name)
-                     and (cap is None or kid.done + 2 <= cap)), None)
+        best: _Child | None = None
+        for kid in self._children.values():
+            n = len(kid.jobs)
+            if (0 < n <= QUEUE_BEHIND_MOST and not kid.retiring
+                    and (best is None or n < len(best.jobs))
+                    and (cap is None or kid.done + n + 1 <= cap)
+                    and all(self._short(j.msg.name) for j in kid.jobs)):
+                best = kid
+        return best
 
     def submit(self, job: Job) -> None:
         kid = next((k for k in self._children.values() if k.idle), None)
