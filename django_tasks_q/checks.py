@@ -23,7 +23,8 @@ UNSAFE_CONTENT = {"pickle": "application/x-python-serialize"}
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E001 bad value, W001 unknown key, E002-E008, E010-E011 and W002 particular settings."""
+    """E001 bad value, W001 unknown key, E002-E008, E010-E011, E013 and W002 particular
+    settings."""
     try:
         cfg = conf.get()
     except (TypeError, ValueError) as exc:
@@ -59,7 +60,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         found.append(checks.Error(problem[0], hint=problem[1], id="django_tasks_q.E008"))
     found.extend(_check_routes(cfg))
     found.extend(_check_accept_content(cfg.ACCEPT_CONTENT))
+    found.extend(_check_worker_extensions())
     return found
+
+
+def _check_worker_extensions() -> list[checks.CheckMessage]:
+    """E013: a WORKER_EXTENSIONS entry that does not name a WorkerExtension subclass."""
+    from .exceptions import ImproperlyConfigured
+    from .extensions import configured_classes
+
+    try:
+        configured_classes()
+    except ImproperlyConfigured as exc:
+        return [checks.Error(str(exc), hint="See the Extending the worker page of the docs.",
+                             id="django_tasks_q.E013")]
+    return []
 
 
 def is_seconds(value: Any) -> bool:

@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "TIMEZONE": None,
     # What a worker decodes; this app always sends JSON. "pickle" lets senders run code.
     "ACCEPT_CONTENT": ["json"],
+    # Dotted paths of WorkerExtension subclasses every taskworker runs (extensions.py).
+    "WORKER_EXTENSIONS": [],
 }
 
 
@@ -58,6 +60,7 @@ class Settings:
     BEAT_SCHEDULE: dict[str, Any]
     TIMEZONE: str
     ACCEPT_CONTENT: list[str]
+    WORKER_EXTENSIONS: list[str]
     unknown_keys: tuple[str, ...] = field(default=())
     queues_explicit: bool = False
 

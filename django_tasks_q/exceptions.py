@@ -42,6 +42,11 @@ class EnqueueError(TasksQError):
     """A task could not be handed to the broker."""
 
 
+class ExtensionError(TasksQError):
+    """A worker extension could not be created, started or given its consumers: the worker
+    stops."""
+
+
 class Retry(TasksQError):
     """Control flow: the task asked to run again later."""
 

@@ -320,6 +320,8 @@ class Consumer:
             with contextlib.suppress(Exception):
                 self.kombu.cancel()
             self.kombu = None
+            for watcher in self.watchers:
+                watcher.stopping()
             self._park_batch()  # their eta is far: park them rather than hand them around
             # Received but not started: give them back now rather than at connection close.
             self._give_back_waiting()

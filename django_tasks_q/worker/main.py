@@ -8,17 +8,22 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import FrameType
+from typing import Any
 
 from .. import broker, conf, registry, signals
 from ..beat import Beat
+from ..extensions import ActiveTask, WorkerExtension, extension_classes
 from .child import drop_inherited_db_connections
 from .consumer import Consumer
 from .control import Control
 from .events import Events
+from .extensions import Extensions
 from .heartbeat import Heartbeat
 from .pool import POOLS
+from .timer import Timer
 
 logger = logging.getLogger("django_tasks_q.worker")
 
@@ -39,6 +44,11 @@ class WorkerOptions:
     autoscale: tuple[int, int] | None = None  # (MAX, MIN) prefork children; wins over concurrency
     beat: bool = False  # run taskbeat in a process of its own beside the worker (-B)
     events: bool = False  # send Celery's monitoring events from the start (-E)
+    #: The worker extensions to run; None: those of WORKER_EXTENSIONS, then those registered.
+    extensions: list[type[WorkerExtension]] | None = None
+    #: Each extension's option values (taskworker's command line); one left out gets the
+    #: defaults of the options it declares.
+    extension_options: dict[type[WorkerExtension], dict[str, Any]] = field(default_factory=dict)
 
 
 def default_hostname() -> str:
@@ -47,7 +57,11 @@ def default_hostname() -> str:
 
 
 class Worker:
-    """One worker process tree: a consumer in this process and a pool of executors."""
+    """One worker process tree: a consumer in this process and a pool of executors.
+
+    What worker extensions may use: ``hostname``, ``options`` (``WorkerOptions``), ``pool``
+    (``pool.size``, ``pool.pids()``), ``timer`` and ``active_tasks()``.
+    """
 
     def __init__(self, options: WorkerOptions) -> None:
         if options.pool not in POOLS:
@@ -82,8 +96,26 @@ class Worker:
         self.control = Control(self.consumer, options.pool, self.consumer.prefetch)
         self.consumer.watchers.append(self.control)
         self.consumer.watchers.append(Heartbeat(self.consumer, options.pool))
+        #: Calls on the event loop, for worker extensions (worker/timer.py).
+        self.timer = Timer()
+        self.extensions = Extensions(
+            self, extension_classes() if options.extensions is None else options.extensions,
+            options.extension_options)
+        if self.extensions:  # none: no watcher, nothing added per task
+            self.consumer.watchers.append(self.extensions)
         self._signals = 0
         self._beat_pid: int | None = None
+
+    def active_tasks(self) -> list[ActiveTask]:
+        """The tasks running in the pool now, the longest running first (the ``solo`` pool,
+        which runs a task inside the event loop, reports none)."""
+        wall, now = time.time(), time.monotonic()
+        return sorted((ActiveTask(id=job.msg.id, name=job.msg.name, queue=job.msg.queue,
+                                  started_at=datetime.fromtimestamp(wall - (now - job.started),
+                                                                    UTC),
+                                  runtime=now - job.started)
+                       for job in self.pool.active() if job.started),
+                      key=lambda task: task.started_at)
 
     def _ready(self) -> None:
         pool = self.pool
@@ -121,12 +153,15 @@ class Worker:
             signal.signal(signum, self._on_signal)
         self.pool.start()
         try:
+            self.extensions.start()
             self.consumer.run(wake_r, lambda: _drain(wake_r))
         finally:
             if self.consumer.cold:
                 self.pool.kill()
             else:
                 self.pool.stop()
+            # After the pool: on a cold shutdown no child still runs a task given back.
+            self.extensions.stop()
             if self._beat_pid is not None:
                 _stop_beat(self._beat_pid)
             for watcher in self.consumer.watchers:

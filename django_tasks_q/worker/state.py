@@ -39,6 +39,9 @@ class Watcher:
     def revoked(self, job: Job, terminated: bool) -> None:
         """The task was revoked: dropped before it started, or ``terminated`` while it ran."""
 
+    def stopping(self) -> None:
+        """The worker stopped taking work (a warm or cold shutdown began); still connected."""
+
     def close(self) -> None:
         """The worker is stopping."""
 

@@ -8,8 +8,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_tasks_q.exceptions import ExtensionError, ImproperlyConfigured
+from django_tasks_q.extensions import WorkerExtension
 from django_tasks_q.management import configure_logging
 from django_tasks_q.startchecks import run_start_checks
+from django_tasks_q.worker import extensions
 from django_tasks_q.worker.main import Worker, WorkerOptions, parse_autoscale, queues_from
 from django_tasks_q.worker.pool import POOLS
 
@@ -49,6 +52,12 @@ class Command(BaseCommand):
         parser.add_argument("--soft-time-limit", type=float, default=None,
                             help="Soft limit in seconds for tasks that set none (raises "
                                  "SoftTimeLimitExceeded inside the task).")
+        # Worker extensions' own options, each in a group of its own (see extensions.py).
+        self.extension_dests: dict[type[WorkerExtension], list[str]] = {}
+        try:
+            self.extension_dests = extensions.add_arguments(parser)
+        except (ExtensionError, ImproperlyConfigured) as exc:
+            parser.error(str(exc))
 
     def handle(self, *args: Any, **options: Any) -> None:
         configure_logging(options["loglevel"])
@@ -63,8 +72,11 @@ class Command(BaseCommand):
                 max_tasks_per_child=options["max_tasks_per_child"],
                 max_memory_per_child=options["max_memory_per_child"],
                 time_limit=options["time_limit"], soft_time_limit=options["soft_time_limit"],
-                beat=options["beat"], events=options["events"]))
-        except ValueError as exc:
+                beat=options["beat"], events=options["events"],
+                extensions=list(self.extension_dests),
+                extension_options={cls: {dest: options[dest] for dest in dests}
+                                   for cls, dests in self.extension_dests.items()}))
+        except (ValueError, ExtensionError, ImproperlyConfigured) as exc:
             raise CommandError(str(exc)) from exc
         if autoscale is not None and concurrency is not None:
             # As with Celery, the range sizes the pool; said once rather than silently.
@@ -73,4 +85,7 @@ class Command(BaseCommand):
                 concurrency, *autoscale)
         if not options["skip_checks"]:  # with the database and the pool: see startchecks.py
             run_start_checks(self, worker.options)
-        worker.run()
+        try:
+            worker.run()
+        except ExtensionError as exc:  # logged with its traceback where it happened
+            raise CommandError(f"{exc}; the worker stopped") from exc
