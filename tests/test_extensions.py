@@ -385,6 +385,25 @@ def test_a_consumer_gets_messages_on_the_worker_s_connection_and_acks_them(
     assert left_in_queue() == 0  # acknowledged or rejected: none comes back
 
 
+def test_what_a_handler_or_a_timer_call_sent_is_confirmed_when_it_returns(
+        feed: type[Feed], monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a pool child has a task's messages confirmed when the task ends (broker.Publisher).
+    from django_tasks_q import broker
+
+    class Journaled(Feed):
+        def handle(self, body: Any, message: Any) -> None:
+            super().handle(body, message)
+            journal.append("handler returned")
+
+    monkeypatch.setattr(broker, "flush_or_log", lambda: journal.append("flushed"))
+    worker = new_worker(Journaled)
+    worker.timer.call_after(0.05, lambda: (send({"n": 1}), journal.append("timer call")))
+    until(worker, lambda: len(feed.got) == 1, lambda: stop_soon(worker))
+    run(worker)
+    for call in ("timer call", "handler returned"):
+        assert journal[journal.index(call) + 1] == "flushed", journal
+
+
 def test_consumers_start_again_on_every_reconnect(feed: type[Feed]) -> None:
     worker = new_worker(feed)
     worker.timer.call_after(0.05, send, ({"n": 1},))

@@ -5,6 +5,10 @@ Each extension's consumers get a channel of their own on the connection the work
 from, so an error that closes one (a refused declaration) never closes another's, nor the
 tasks'. Their callbacks run on the worker's event loop, between task messages, guarded: one that
 raises is logged with the message's id and the message is rejected, and the loop goes on.
+
+Tasks a handler (or a step, or a timer call) sends are confirmed by RabbitMQ when it returns, as
+a pool child has those of a task confirmed when the task ends: nothing else in the worker's
+process would collect those confirms, or send the messages again on a new connection.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import broker
 from ..exceptions import ExtensionError
 from ..extensions import WorkerExtension, extension_classes, label
 from .state import Watcher
@@ -97,6 +102,7 @@ class Extensions(Watcher):
                                      f"{type(exc).__name__}: {exc}") from exc
             self._started.append(ext)
             logger.debug("Worker extension %s started", label(type(ext)))
+        broker.flush_or_log()
 
     def stop(self) -> None:
         """Call ``stop()`` of each started extension, last started first; one that raises is
@@ -107,6 +113,7 @@ class Extensions(Watcher):
                 ext.stop(self.worker)
             except Exception:  # noqa: BLE001 - the others must stop all the same
                 logger.exception("Worker extension %s failed to stop", label(type(ext)))
+            broker.flush_or_log()
 
     # -- consumers (the consumer calls these as a watcher) ------------------------------------
     def attach(self, hub: Any, connection: Any) -> None:
@@ -179,6 +186,8 @@ def _guard(name: str, consumer: Any) -> None:
                 on_message(message)
             except Exception:  # noqa: BLE001 - see the module's docstring
                 _failed(name, message, "its handler raised")
+            finally:
+                broker.flush_or_log()
 
         consumer.on_message = guarded_on_message
     elif consumer.callbacks:
@@ -189,6 +198,8 @@ def _guard(name: str, consumer: Any) -> None:
                 receive(body, message)
             except Exception:  # noqa: BLE001 - see the module's docstring
                 _failed(name, message, "its handler raised")
+            finally:
+                broker.flush_or_log()
 
         consumer.receive = guarded_receive
     else:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from .. import broker
+
 logger = logging.getLogger("django_tasks_q.worker")
 
 
@@ -133,6 +135,7 @@ class Timer:
             again = (f"; called again in {entry.interval:g}s"
                      if entry.interval is not None and not entry.cancelled else "")
             logger.exception("Timer call %s raised%s", _name(entry.fun), again)
+        broker.flush_or_log()  # tasks it sent: see worker/extensions.py
         if entry.cancelled:
             return
         if entry.interval is None:
