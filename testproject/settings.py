@@ -83,6 +83,8 @@ TASKS_Q = {
         "sales-report": {"task": "testproject.testapp.tasks.sales_report", "schedule": 60,
                          "description": "Totals of the orders so far, every minute."},
     },
+    # Run by every taskworker (docs/extending.rst); the app's ready() registers another one.
+    "WORKER_EXTENSIONS": ["testproject.testapp.extensions.OrderFeed"],
     # Any other TASKS_Q key, as JSON, e.g. TASKS_Q_EXTRA='{"RESULTS": "all"}'
     **env.json("TASKS_Q_EXTRA", default={}),
 }

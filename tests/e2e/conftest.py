@@ -87,8 +87,9 @@ def base_env(database_url: str, broker_url: str) -> dict[str, str]:
     env.update(DJANGO_SETTINGS_MODULE="testproject.settings", DATABASE_URL=database_url,
                TASKS_Q_BROKER_URL=broker_url, EMAIL_BACKEND="tests.e2e.mail.Backend",
                PYTHONUNBUFFERED="1", DEBUG="false",
-               # Not the example project's schedule: a test's beats send only the test's.
-               TASKS_Q_EXTRA='{"BEAT_SCHEDULE": {}}')
+               # Not the example project's schedule, nor its worker extensions' queue: a
+               # test's beats send only the test's, its workers run only its extensions.
+               TASKS_Q_EXTRA='{"BEAT_SCHEDULE": {}, "WORKER_EXTENSIONS": []}')
     return env
 
 

@@ -192,6 +192,51 @@ class Producer:
                          headers=headers, correlation_id=correlation_id, delivery_mode=2,
                          declare=[broker.queue(queue)])
 
+    def op_publish_order(self, queue: str, body: Any, message_id: str | None = None) -> str:
+        """Publish an order for the example ``OrderFeed`` through ``extensions.publish``
+        (exchange ``shop``, routing key ``queue``); its message id."""
+        from django_tasks_q.extensions import publish
+        from testproject.testapp.extensions import SHOP_EXCHANGE, order_queue
+
+        return publish(body, exchange=SHOP_EXCHANGE, routing_key=queue,
+                       declare=[order_queue(queue)], message_id=message_id)
+
+    def op_publish_plain(self, exchange: str, routing_key: str, body: Any,
+                         message_id: str) -> None:
+        """Publish JSON with a plain kombu producer, as another system would, declaring
+        nothing."""
+        from kombu import Producer as KombuProducer
+
+        KombuProducer(self.channel, auto_declare=False).publish(
+            body, exchange=exchange, routing_key=routing_key, serializer="json",
+            message_id=message_id, delivery_mode=2)
+
+    def op_order_queue(self, queue: str, delete: bool = False) -> int:
+        """Messages ready in the example ``OrderFeed``'s queue ``queue`` (on django://, in
+        flight ones too); with ``delete``, the queue is deleted after it is counted."""
+        from testproject.testapp.extensions import order_queue
+
+        if self.connection.transport_cls == "django":
+            from django_tasks_q.models import QueueMessage
+
+            count = QueueMessage.objects.filter(queue=queue).count()
+        else:
+            # Declared as the worker declares it: passive fails for an empty queue on Redis.
+            count = int(order_queue(queue)(self.channel).queue_declare().message_count)
+        if delete:
+            bound = order_queue(queue)(self.channel)
+            bound.purge()
+            bound.delete()
+        return count
+
+    def op_orders(self, email: str) -> list[dict[str, Any]]:
+        """The ``Order`` rows of customer ``email``, with their lines' descriptions."""
+        from testproject.testapp.models import Order
+
+        return [{**row, "lines": list(Order.objects.get(pk=row["id"]).lines.order_by("id")
+                                      .values_list("description", flat=True))}
+                for row in Order.objects.filter(customer_email=email).order_by("id").values()]
+
     def op_revoke(self, task_id: str, terminate: bool = False) -> None:
         """``AsyncResult(task_id).revoke(terminate=...)``, as application code calls it."""
         from django_tasks_q import AsyncResult
