@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser,
         group = parser.add_argument_group(f"worker extension {label(cls)}", about or None)
         try:
             cls.add_arguments(group)
-        except (argparse.ArgumentError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a clash with another option, or a mistake in the code
             raise ExtensionError(f"Worker extension {label(cls)} could not add its options to "
                                  f"taskworker: {exc}") from exc
         # The group's own list: argparse keeps no other record of which options it added.
