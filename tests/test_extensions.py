@@ -280,6 +280,24 @@ def test_stop_steps_run_on_a_cold_shutdown_too() -> None:
     assert journal == ["start First", "start GoesCold", "stop GoesCold", "stop First"]
 
 
+def test_the_timer_runs_without_any_extension_too() -> None:
+    # A worker_ready receiver (sender: the worker) may use it, as in Celery.
+    from django_tasks_q import signals
+
+    worker = new_worker()
+    assert worker.extensions not in worker.consumer.watchers  # nothing added per task
+
+    def ready(sender: Worker, **kwargs: Any) -> None:
+        sender.timer.call_after(0.05, lambda: (journal.append("called"), stop_soon(sender)))
+
+    signals.worker_ready.connect(ready, weak=False)
+    try:
+        run(worker)
+    finally:
+        signals.worker_ready.disconnect(ready)
+    assert journal == ["called"]
+
+
 def test_active_tasks_are_the_pool_s_jobs_with_their_start_times() -> None:
     worker = new_worker()
     msg = TaskMessage(id="t-1", name="shop.slow", args=[], kwargs={}, queue="reports")

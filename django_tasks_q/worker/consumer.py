@@ -86,6 +86,8 @@ class Consumer:
         self.kombu: KombuConsumer | None = None
         self.connection: Any = None
         self.on_ready: Callable[[], None] | None = None
+        #: Called with the new event loop on every (re)connect, before the watchers are.
+        self.on_connect: list[Callable[[Any], None]] = []
         self._polled = False
         self._channel: Any = None  # the consuming channel, kept through a warm shutdown
         self._connected = False
@@ -198,6 +200,8 @@ class Consumer:
             hub.call_repeatedly(conn.transport.polling_interval or 0.1, self._poll)
         hub.propagate_errors = conn.connection_errors + conn.channel_errors
         self._refresh_revoked()
+        for hook in self.on_connect:
+            hook(hub)
         for watcher in self.watchers:  # before the first delivery, which they are told of
             watcher.attach(hub, conn)
         self.kombu.consume()

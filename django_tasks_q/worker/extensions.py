@@ -117,7 +117,6 @@ class Extensions(Watcher):
 
     # -- consumers (the consumer calls these as a watcher) ------------------------------------
     def attach(self, hub: Any, connection: Any) -> None:
-        self.worker.timer.attach(hub)
         self._consumers, self._channels, self._retry = [], [], None
         first = not self._connected_before
         failed = [ext for ext in self._started if not self._start_consumers(ext, connection, first)]
@@ -171,9 +170,6 @@ class Extensions(Watcher):
             with contextlib.suppress(Exception):  # the connection may be gone already
                 consumer.cancel()
         self._consumers = []
-
-    def close(self) -> None:
-        self.worker.timer.detach()
 
 
 def _guard(name: str, consumer: Any) -> None:

@@ -98,6 +98,7 @@ class Worker:
         self.consumer.watchers.append(Heartbeat(self.consumer, options.pool))
         #: Calls on the event loop, for worker extensions (worker/timer.py).
         self.timer = Timer()
+        self.consumer.on_connect.append(self.timer.attach)
         self.extensions = Extensions(
             self, extension_classes() if options.extensions is None else options.extensions,
             options.extension_options)
@@ -160,6 +161,7 @@ class Worker:
                 self.pool.kill()
             else:
                 self.pool.stop()
+            self.timer.detach()  # the event loop is gone
             # After the pool: on a cold shutdown no child still runs a task given back.
             self.extensions.stop()
             if self._beat_pid is not None:
