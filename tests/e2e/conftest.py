@@ -80,6 +80,12 @@ def _run_manage(env: dict[str, str], *args: str) -> None:
         raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
 
 
+def tasks_q_extra(**settings: Any) -> str:
+    """``TASKS_Q_EXTRA`` for the example project: ``settings`` over the end-to-end defaults (no
+    beat schedule, no worker extensions but those the example app registers)."""
+    return json.dumps({"BEAT_SCHEDULE": {}, "WORKER_EXTENSIONS": [], **settings})
+
+
 def base_env(database_url: str, broker_url: str) -> dict[str, str]:
     """The environment of every process started for a project."""
     env = {k: v for k, v in os.environ.items()
@@ -89,7 +95,7 @@ def base_env(database_url: str, broker_url: str) -> dict[str, str]:
                PYTHONUNBUFFERED="1", DEBUG="false",
                # Not the example project's schedule, nor its worker extensions' queue: a
                # test's beats send only the test's, its workers run only its extensions.
-               TASKS_Q_EXTRA='{"BEAT_SCHEDULE": {}, "WORKER_EXTENSIONS": []}')
+               TASKS_Q_EXTRA=tasks_q_extra())
     return env
 
 

@@ -4,7 +4,6 @@ command-line options, a reconnect, and the order and failures of start and stop 
 
 from __future__ import annotations
 
-import json
 import signal
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import MakeProject, Project, Worker, wait_for
+from .conftest import MakeProject, Project, Worker, tasks_q_extra, wait_for
 from .tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -28,8 +27,7 @@ BROKERS = [pytest.param("redis", marks=pytest.mark.broker),
 def run_extensions(project: Project, *paths: str) -> None:
     """Have the project's workers run the worker extensions ``paths`` (and, as always, those
     the example app registers)."""
-    project.extra_env["TASKS_Q_EXTRA"] = json.dumps(
-        {"BEAT_SCHEDULE": {}, "WORKER_EXTENSIONS": list(paths)})
+    project.extra_env["TASKS_Q_EXTRA"] = tasks_q_extra(WORKER_EXTENSIONS=list(paths))
 
 
 @pytest.fixture

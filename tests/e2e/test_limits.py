@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
 import pytest
 
-from .conftest import Project
+from .conftest import Project, tasks_q_extra
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker,
               pytest.mark.parametrize("project", ["redis"], indirect=True)]
@@ -70,7 +69,7 @@ def test_a_task_that_kills_its_process_is_given_up_after_max_deliveries(
 
 def test_warm_shutdown_gives_running_tasks_back_after_the_grace_period(
         project: Project) -> None:
-    project.extra_env["TASKS_Q_EXTRA"] = json.dumps({"SHUTDOWN_GRACE": 1})
+    project.extra_env["TASKS_Q_EXTRA"] = tasks_q_extra(SHUTDOWN_GRACE=1)
     worker = project.worker(concurrency=1)
     slow = project.create_order("slow-8@example.com")
     project.send(f"{TASKS}.send_receipt", slow)

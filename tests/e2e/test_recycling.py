@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import psutil
 import pytest
 
-from .conftest import Project, Worker, wait_for
+from .conftest import Project, Worker, tasks_q_extra, wait_for
 
 pytestmark = pytest.mark.e2e  # on every broker of ``project``; prefork never runs on memory://
 
@@ -59,7 +58,7 @@ def test_max_tasks_per_child_replaces_the_child_and_runs_every_task_once(
 
 
 def test_autoscale_grows_under_load_and_shrinks_after_the_keepalive(project: Project) -> None:
-    project.extra_env["TASKS_Q_EXTRA"] = json.dumps({"AUTOSCALE_KEEPALIVE": KEEPALIVE})
+    project.extra_env["TASKS_Q_EXTRA"] = tasks_q_extra(AUTOSCALE_KEEPALIVE=KEEPALIVE)
     worker = project.worker("--autoscale", "3,1")  # the helper passes -c 2 too: ignored
     assert worker.count(r"ready: pool=prefork autoscale=1\.\.3 ") == 1
     assert worker.count(r"-c/--concurrency 2 is ignored: --autoscale 3,1 sizes the pool") == 1
