@@ -82,7 +82,6 @@ class Extensions(Watcher):
                                      f"{type(exc).__name__}: {exc}") from exc
         self._started: list[WorkerExtension] = []
         self._consumers: list[Any] = []
-        self._channels: list[Any] = []
         self._connected_before = False
         self._retry: Any = None
 
@@ -117,7 +116,7 @@ class Extensions(Watcher):
 
     # -- consumers (the consumer calls these as a watcher) ------------------------------------
     def attach(self, hub: Any, connection: Any) -> None:
-        self._consumers, self._channels, self._retry = [], [], None
+        self._consumers, self._retry = [], None
         first = not self._connected_before
         failed = [ext for ext in self._started if not self._start_consumers(ext, connection, first)]
         self._connected_before = True
@@ -156,7 +155,6 @@ class Extensions(Watcher):
             logger.exception("Worker extension %s could not start its consumers again after "
                              "reconnecting; trying again in %gs", name, CONSUMERS_RETRY)
             return False
-        self._channels.append(channel)
         self._consumers.extend(consumers)
         return True
 

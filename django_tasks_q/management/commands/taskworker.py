@@ -52,7 +52,7 @@ class Command(BaseCommand):
         parser.add_argument("--soft-time-limit", type=float, default=None,
                             help="Soft limit in seconds for tasks that set none (raises "
                                  "SoftTimeLimitExceeded inside the task).")
-        # Worker extensions' own options, each in a group of its own (see extensions.py).
+        # Worker extensions' own options, each in a group of its own (worker/extensions.py).
         self.extension_dests: dict[type[WorkerExtension], list[str]] = {}
         try:
             self.extension_dests = extensions.add_arguments(parser)
