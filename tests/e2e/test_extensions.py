@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -30,12 +30,23 @@ def run_extensions(project: Project, *paths: str) -> None:
     project.extra_env["TASKS_Q_EXTRA"] = tasks_q_extra(WORKER_EXTENSIONS=list(paths))
 
 
+#: Makes a project on a broker whose workers run the order feed; gives it and its orders queue.
+MakeFeed = Callable[[str], tuple[Project, str]]
+
+
 @pytest.fixture
-def orders_queue() -> Iterator[list[Project]]:
-    """Projects whose order queue (named ``ext-orders-…`` after the project's queue) is
-    deleted at the end, once their workers have stopped."""
+def make_feed(make_project: MakeProject) -> Iterator[MakeFeed]:
+    """Projects whose workers run the order feed, each on a queue of its own (``ext-orders-…``,
+    after the project's queue), deleted at the end once their workers have stopped."""
     projects: list[Project] = []
-    yield projects
+
+    def make(broker: str) -> tuple[Project, str]:
+        project = make_project(broker)
+        projects.append(project)
+        run_extensions(project, ORDER_FEED)
+        return project, order_queue_of(project)
+
+    yield make
     for project in projects:
         for worker in project.workers:
             worker.stop()
@@ -62,11 +73,8 @@ def wait_order_total(project: Project, email: str, worker: Worker) -> dict[str, 
 
 @pytest.mark.parametrize("broker", BROKERS)
 def test_the_order_feed_takes_json_orders_acknowledges_them_and_survives_a_bad_one(
-        broker: str, make_project: MakeProject, orders_queue: list[Project]) -> None:
-    project = make_project(broker)
-    orders_queue.append(project)
-    queue = order_queue_of(project)
-    run_extensions(project, ORDER_FEED)
+        broker: str, make_feed: MakeFeed) -> None:
+    project, queue = make_feed(broker)
     # The option the extension declares reaches its constructor: it consumes this queue.
     worker = project.worker("--orders-queue", queue)
     assert worker.count(rf"OrderFeed: taking orders from queue {queue}\b") == 1
@@ -119,11 +127,8 @@ def test_the_watchdog_warns_once_about_a_task_running_past_its_threshold(
 @pytest.mark.parametrize("broker", [pytest.param("redis", marks=pytest.mark.broker),
                                     pytest.param("amqp", marks=pytest.mark.broker)])
 def test_the_order_feed_consumes_again_after_the_connection_is_cut(
-        broker: str, make_project: MakeProject, orders_queue: list[Project]) -> None:
-    project = make_project(broker)
-    orders_queue.append(project)
-    queue = order_queue_of(project)
-    run_extensions(project, ORDER_FEED)
+        broker: str, make_feed: MakeFeed) -> None:
+    project, queue = make_feed(broker)
     project.producer  # noqa: B018 - the test's side talks to the broker directly
     direct = project.broker_url
     proxy = TcpProxy(direct)
