@@ -588,8 +588,8 @@ class Consumer:
 
     def _window(self) -> int:
         """Unacknowledged messages to allow: the prefetch, plus room for those waiting to be
-        parked, held until due, or acknowledged after their rows, which would otherwise starve
-        the pool."""
+        parked or held until due, which would otherwise starve the pool, and, while tasks are
+        short, ``SHORT_ROOM``."""
         return (self.prefetch + len(self.delayed) + (PARK_BATCH if self._to_park else 0)
                 + self._short_room)
 
