@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import broker
@@ -173,29 +173,10 @@ class Extensions(Watcher):
 def _guard(name: str, consumer: Any) -> None:
     """Make ``consumer``'s callbacks log and reject a message they fail on, instead of raising
     into the worker's event loop."""
-    on_message = consumer.on_message
-    if on_message is not None:
-        def guarded_on_message(message: Any) -> None:
-            try:
-                on_message(message)
-            except Exception:  # noqa: BLE001 - see the module's docstring
-                _failed(name, message, "its handler raised")
-            finally:
-                broker.flush_or_log()
-
-        consumer.on_message = guarded_on_message
+    if consumer.on_message is not None:
+        consumer.on_message = _guarded(name, consumer.on_message)
     elif consumer.callbacks:
-        receive = consumer.receive
-
-        def guarded_receive(body: Any, message: Any) -> None:
-            try:
-                receive(body, message)
-            except Exception:  # noqa: BLE001 - see the module's docstring
-                _failed(name, message, "its handler raised")
-            finally:
-                broker.flush_or_log()
-
-        consumer.receive = guarded_receive
+        consumer.receive = _guarded(name, consumer.receive)
     else:
         raise ValueError(f"get_consumers() returned {consumer!r}, which has neither callbacks "
                          f"nor on_message: nothing would handle its messages")
@@ -205,6 +186,20 @@ def _guard(name: str, consumer: Any) -> None:
                     traceback=False)
 
         consumer.on_decode_error = undecodable
+
+
+def _guarded(name: str, handle: Callable[..., None]) -> Callable[..., None]:
+    """``handle`` (``on_message(message)`` or ``receive(body, message)``), logging and
+    rejecting the message it raises on, then having the tasks it sent confirmed."""
+    def guarded(*args: Any) -> None:
+        try:
+            handle(*args)
+        except Exception:  # noqa: BLE001 - see the module's docstring
+            _failed(name, args[-1], "its handler raised")
+        finally:
+            broker.flush_or_log()
+
+    return guarded
 
 
 def _failed(name: str, message: Any, why: str, traceback: bool = True) -> None:
