@@ -238,12 +238,13 @@ class _Outgoing(NamedTuple):
 class Publisher:
     """One process's publishing connection; thread-safe, rebuilt after fork.
 
-    On RabbitMQ a message is kept until RabbitMQ confirms it (see confirms.py): a call with
-    ``wait`` returns once every message so far is confirmed; one without returns once its
+    On RabbitMQ and Redis a message is kept until the broker confirms it (RabbitMQ's publisher
+    confirms, see confirms.py; Redis's answer to the ``LPUSH``, see transport/redis.py): a call
+    with ``wait`` returns once every message so far is confirmed; one without returns once its
     message is written, and its confirm is read by a later call that waits, by ``flush()``, or
     once ``confirm_window`` messages are outstanding (then until half of them are left; a
-    window of 1 waits for each message's). What a failed connection had not
-    confirmed is sent again on the next one."""
+    window of 1 waits for each message's). What a failed connection had not confirmed is sent
+    again on the next one."""
 
     def __init__(self, url: str, options: dict[str, Any]) -> None:
         self.url = url
@@ -259,6 +260,8 @@ class Publisher:
         self._direct = False
         self._confirms: Confirms[_Outgoing] | None = None
         self._outbox: deque[_Outgoing] = deque()
+        #: Redis: pushes a lost connection had not answered, to push again on a new one.
+        self._carried: list[redis_transport.Pushed] = []
         self._declared: set[str] = set()
         #: kombu's retrying wrappers of the calls below, built once per connection.
         self._retrying: dict[str, Callable[[], None]] = {}
@@ -283,13 +286,14 @@ class Publisher:
                     declare(conn, [queue_name])
                     self._declared.add(queue_name)
                 if self._direct:
+                    channel = self._producer.channel
                     try:
-                        self._producer.channel.put_direct(
+                        channel.put_direct(
                             queue_name, body, headers, dict(properties, delivery_mode=2),
-                            wire_priority(conn, priority))
-                        return
+                            wire_priority(conn, priority), wait=wait, window=self._window)
                     except conn.connection_errors:
-                        pass  # the producer below reconnects and retries
+                        self._push_again(channel)
+                    return
                 if self._confirm:
                     self._outbox.append(_Outgoing(body, headers, properties, queue_name, priority))
                     self._ensured(self._collect if wait else self._send_outbox)
@@ -312,11 +316,43 @@ class Publisher:
         """Return once RabbitMQ has confirmed every message published so far (at once on the
         other brokers); ``EnqueueError`` names what it refused or what could not be sent."""
         with self._lock:
-            if self._outbox or self._confirms:
-                try:
+            try:
+                if self._outbox or self._confirms:
                     self._ensured(self._collect)
-                except Exception as exc:
-                    self._raise(exc)
+                elif (channel := self._redis_channel()) and channel.unanswered:
+                    self._settle()
+            except Exception as exc:
+                self._raise(exc)
+
+    def _redis_channel(self) -> redis_transport.Channel | None:
+        """The producer's channel on Redis, if it is made (reading ``channel`` would connect)."""
+        made = getattr(self._producer, "_channel", None)
+        return made if isinstance(made, redis_transport.Channel) else None
+
+    def _settle(self) -> None:
+        """Redis: read the answers to every push so far (see ``Channel.push``)."""
+        assert self._conn is not None and self._producer is not None
+        channel = self._producer.channel
+        try:
+            channel.settle()
+        except self._conn.connection_errors:
+            self._push_again(channel)
+
+    def _push_again(self, channel: redis_transport.Channel) -> None:
+        """After ``channel`` lost its connection: push what it had not answered again, on a
+        new connection (kombu's ``ensure`` makes it), and wait for the answers."""
+        self._carried.extend(channel.take_unanswered())
+        self._ensured(self._push_carried)
+
+    def _push_carried(self) -> None:
+        assert self._producer is not None
+        channel = self._producer.channel
+        carried, self._carried = self._carried, []
+        try:
+            channel.push(carried)
+        except BaseException:
+            self._carried = channel.take_unanswered()
+            raise
 
     def _ensured(self, fun: Callable[[], None]) -> None:
         """``fun()``, retried on a new connection (kombu's ``ensure``) while the policy allows."""
@@ -367,34 +403,47 @@ class Publisher:
             raise EnqueueError(str(exc)) from None
         if refused:
             raise EnqueueError(
-                f"RabbitMQ refused {len(refused)} task message(s) ({_ids(refused)}): they "
+                f"RabbitMQ refused {len(refused)} task message(s) "
+                f"({_ids([item.headers.get('id') for item in refused])}): they "
                 f"were not sent (a queue at its x-max-length with x-overflow=reject-publish "
                 f"refuses messages, as does a broker error)")
 
     def _raise(self, exc: Exception, task_id: str | None = None) -> NoReturn:
         """Raise ``EnqueueError`` for ``exc``; the connection is dropped, and with it what it
         held unconfirmed, which the error names."""
-        lost = [item for item in self._reset() if item.headers.get("id") != task_id]
-        error = exc if isinstance(exc, EnqueueError) else EnqueueError(
-            f"Could not publish to {safe_url(self.url)} ({type(exc).__name__}: {exc})"
-            + ("; the task was not sent" if task_id is not None else ""))
+        lost = [lost_id for lost_id in self._reset() if lost_id != task_id]
+        if isinstance(exc, redis_transport.Refused):
+            refused = [refused_id for refused_id, _ in exc.refused]
+            error = EnqueueError(f"Redis refused {len(refused)} task message(s) "
+                                 f"({_ids(refused)}): they were not sent ({exc})")
+        elif isinstance(exc, EnqueueError):
+            error = exc
+        else:
+            error = EnqueueError(
+                f"Could not publish to {safe_url(self.url)} ({type(exc).__name__}: {exc})"
+                + ("; the task was not sent" if task_id is not None else ""))
         if lost:
             # Their callers have returned: this log is where they are heard of.
             error = EnqueueError(f"{error}; {len(lost)} task message(s) sent earlier that "
-                                 f"RabbitMQ had not confirmed were not sent ({_ids(lost)})")
+                                 f"the broker had not confirmed were not sent ({_ids(lost)})")
             logger.error("%s", error)
         if error is exc:
             raise exc
         raise error from exc
 
-    def _reset(self) -> list[_Outgoing]:
-        """Drop the connection; what it held unconfirmed (now dropped too)."""
-        lost = [*(self._confirms.outstanding() if self._confirms else []), *self._outbox]
+    def _reset(self) -> list[str | None]:
+        """Drop the connection; the task ids of what it held unconfirmed (now dropped too)."""
+        held = [*(self._confirms.outstanding() if self._confirms else []), *self._outbox]
+        lost = [item.headers.get("id") for item in held]
+        if channel := self._redis_channel():
+            self._carried += channel.take_unanswered()
+        lost += [pushed.task_id for pushed in self._carried]
         if self._conn is not None:
             with contextlib.suppress(Exception):  # the connection is broken already
                 self._conn.release()
         self._conn = self._producer = self._confirms = None
         self._outbox.clear()
+        self._carried.clear()
         self._direct = False
         self._declared.clear()
         self._retrying.clear()
@@ -409,8 +458,8 @@ class Publisher:
             self._reset()
 
 
-def _ids(items: list[_Outgoing]) -> str:
-    ids = [str(item.headers.get("id")) for item in items]
+def _ids(task_ids: list[str | None]) -> str:
+    ids = [str(task_id) for task_id in task_ids]
     return ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 

@@ -288,13 +288,13 @@ def test_a_slow_reply_is_waited_for(redis_client: redis.Redis, qname: str) -> No
 def test_only_a_publish_that_follows_another_polls_for_its_reply(
         redis_client: redis.Redis, qname: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spins: list[float] = []
-    real = redis_transport.lpush
+    real = redis_transport.Channel._read_answers
 
-    def spy(conn: Any, key: bytes, value: bytes, spin: float = 0.0) -> None:
+    def spy(channel: Any, sock: Any, left: int, spin: float = 0.0) -> None:
         spins.append(spin)
-        real(conn, key, value, spin)
+        real(channel, sock, left, spin)
 
-    monkeypatch.setattr(redis_transport, "lpush", spy)
+    monkeypatch.setattr(redis_transport.Channel, "_read_answers", spy)
     publish(qname, 3)  # back to back
     time.sleep(redis_transport.BURST_SECONDS * 5)
     publish(qname, 1)  # on its own: blocks on the socket, leaving the CPU to Redis and workers
@@ -302,6 +302,86 @@ def test_only_a_publish_that_follows_another_polls_for_its_reply(
     assert spins[0] == spins[3] == 0.0
     assert redis_transport.SPIN_SECONDS in spins[1:3]
     assert waiting(redis_client, qname) == 4
+
+
+def publish_later(qname: str, n: int) -> list[str]:
+    """Publish as ``.delay()`` does: without waiting for Redis's answers."""
+    ids = []
+    for _ in range(n):
+        msg = message.TaskMessage(id=message.new_id(), name="tests.tasks.multiply", args=[2, 3],
+                                  kwargs={}, queue=qname)
+        body, headers, props = message.encode(msg)
+        broker.publisher().publish(body, headers, props, qname, wait=False)
+        ids.append(msg.id)
+    return ids
+
+
+def unanswered() -> int:
+    pub = broker.publisher()
+    assert pub._producer is not None
+    return len(pub._producer.channel.unanswered)
+
+
+def waiting_ids(redis_client: redis.Redis, qname: str) -> list[str]:
+    keys = redis_client.keys(f"{qname}*")
+    return sorted(loads(raw)["headers"]["id"]
+                  for key in keys for raw in redis_client.lrange(key, 0, -1))
+
+
+def test_a_publish_that_does_not_wait_leaves_its_answer_to_a_later_flush(
+        redis_client: redis.Redis, qname: str) -> None:
+    ids = publish_later(qname, 5)
+    assert unanswered() == 5  # written, their answers not read yet
+    broker.flush()
+    assert unanswered() == 0
+    assert waiting_ids(redis_client, qname) == sorted(ids)
+
+
+def test_answers_are_read_once_the_window_is_full(
+        redis_client: redis.Redis, qname: str, settings: Any) -> None:
+    settings.TASKS_Q = {**settings.TASKS_Q, "BROKER_OPTIONS": {"confirm_window": 8}}
+    seen = []
+    for _ in range(20):
+        publish_later(qname, 1)
+        seen.append(unanswered())
+    assert max(seen) < 8 and seen[:7] == [1, 2, 3, 4, 5, 6, 7]
+    assert seen[7] <= 4  # the eighth read answers down to half the window
+    broker.flush()
+    assert waiting(redis_client, qname) == 20
+
+
+def test_a_refused_publish_that_did_not_wait_is_named_by_the_flush(
+        redis_client: redis.Redis, qname: str) -> None:
+    publish(qname, 1)  # the queue declared
+    [key] = redis_client.keys(f"{qname}*")
+    redis_client.delete(key)
+    redis_client.set(key, "not a list")
+    [refused] = publish_later(qname, 1)  # returns: the error is not read yet
+    with pytest.raises(broker.EnqueueError, match=rf"Redis refused 1 task message\(s\) "
+                                                  rf"\({refused}\).*WRONGTYPE"):
+        broker.flush()
+    redis_client.delete(key)
+    ids = publish_later(qname, 2)
+    broker.flush()
+    assert waiting_ids(redis_client, qname) == sorted(ids)
+
+
+def test_publishes_a_lost_connection_had_not_answered_are_pushed_again(
+        redis_client: redis.Redis, qname: str) -> None:
+    publish(qname, 1)  # connected
+    redis_client.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+    try:
+        ids = publish_later(qname, 3)  # they wait in Redis, not run
+        time.sleep(0.1)
+        # Our connection (and with it the three commands) goes away unanswered.
+        assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+    assert waiting(redis_client, qname) == 1
+    broker.flush()  # reads end of file: the three are pushed again on a new connection
+    assert unanswered() == 0
+    assert len(waiting_ids(redis_client, qname)) == 4
+    assert set(ids) <= set(waiting_ids(redis_client, qname))
 
 
 def test_acks_taken_later_free_the_slot_at_once_and_reach_redis_together(

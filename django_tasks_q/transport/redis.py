@@ -17,18 +17,22 @@ Acknowledgements are sent in batches, the same way; the answers are read with th
 
 Publishing writes kombu's message envelope, key for key, in one ``LPUSH`` on a connection the
 channel holds for it (kombu builds two clients per publish and goes through its producer's
-serializer, compression and retry machinery each time). The publish returns once Redis has
-replied, so a message is in Redis when ``.delay()`` returns.
+serializer, compression and retry machinery each time). A publish that waits returns once Redis
+has answered; ``.delay()`` returns once the command is written, and Redis's answers are read
+together later (at the end of the request or task, or every few hundred publishes), as
+RabbitMQ's confirms are. What a lost connection had not answered is pushed again.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from queue import Empty
+from socket import MSG_DONTWAIT
 from time import monotonic, time
-from typing import Any
+from typing import Any, NamedTuple
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -48,8 +52,8 @@ POP_LIMIT = 100
 SPIN_SECONDS = 0.0005
 #: A publish "follows another" when it starts within this long of the previous one's end.
 BURST_SECONDS = 0.001
-#: An LPUSH's reply is ``:<length>\r\n`` or ``-<error>\r\n``.
-REPLY_BUFFER = 512
+#: How many bytes of answers one read takes (an answer is ``:<length>\r\n``, about 8 bytes).
+REPLY_BUFFER = 4096
 
 # KEYS: the unacked index, the unacked table, then the queue keys in the order they are served.
 # ARGV: the delivery time, the most messages to take.
@@ -85,39 +89,37 @@ return taken
 """
 
 
-def lpush(conn: Any, key: bytes, value: bytes, spin: float = 0.0) -> None:
-    """``LPUSH key value`` on redis-py connection ``conn``; return once Redis has replied.
+class Pushed(NamedTuple):
+    """An ``LPUSH`` whose answer has not been read: pushed again if its connection is lost."""
 
-    The reply is polled for, without blocking, for up to ``spin`` seconds: on loopback it comes
-    within tens of microseconds, and a blocking read spends as long again being woken. TLS
-    sockets, and replies slower than that, are read the blocking way."""
-    sock = conn._sock
-    if isinstance(sock, ssl.SSLSocket) or not spin:
-        conn.send_packed_command(conn.pack_command("LPUSH", key, value), check_health=False)
-        conn.read_response()
-        return
-    sock.sendall(b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                 % (len(key), key, len(value), value))
+    key: bytes
+    payload: bytes
+    task_id: str | None
+
+
+class Refused(Exception):
+    """Redis answered ``LPUSH``es with errors: those messages are not in Redis. ``refused``
+    holds (task id, Redis's error) for each."""
+
+    def __init__(self, refused: list[tuple[str | None, str]]) -> None:
+        super().__init__(refused[0][1])
+        self.refused = refused
+
+
+def _recv_now(sock: Any) -> bytes | None:
+    """What ``sock`` holds (``b""`` once the server closed it), or None if nothing has arrived:
+    never blocks."""
     timeout = sock.gettimeout()
-    reply = b""
-    deadline = monotonic() + spin
-    sock.settimeout(0.0)
     try:
-        while not reply.endswith(b"\r\n"):
-            try:
-                chunk = sock.recv(REPLY_BUFFER)
-            except BlockingIOError:
-                if monotonic() < deadline:
-                    continue
-                sock.settimeout(timeout)
-                chunk = sock.recv(REPLY_BUFFER)
-            if not chunk:
-                raise RedisConnectionError("Connection closed by the server")
-            reply += chunk
-    finally:
-        sock.settimeout(timeout)
-    if reply.startswith(b"-"):
-        raise ResponseError(reply[1:-2].decode(errors="replace"))
+        if timeout is None:  # a blocking socket: one call, no change of mode
+            return sock.recv(REPLY_BUFFER, MSG_DONTWAIT)  # type: ignore[no-any-return]
+        sock.settimeout(0.0)
+        try:
+            return sock.recv(REPLY_BUFFER)  # type: ignore[no-any-return]
+        finally:
+            sock.settimeout(timeout)
+    except BlockingIOError:
+        return None
 
 
 class QoS(BatchedAcks, RedisQoS):
@@ -216,8 +218,11 @@ class Channel(RedisChannel):
         self._blocking = False  # the command in flight is a BRPOP, not the script
         self._wait_next = False  # the last script found every queue empty
         self._sync_client: Any = None  # built once, on first use (see conn_or_acquire)
-        self._publish_conn: Any = None  # put_direct's own connection
-        self._published_at = float("-inf")  # when put_direct last returned (monotonic)
+        self._publish_conn: Any = None  # push's own connection
+        self._published_at = float("-inf")  # when push last returned (monotonic)
+        #: Pushes written but not answered yet (``push``), oldest first.
+        self.unanswered: deque[Pushed] = deque()
+        self._answers = bytearray()  # answers read, not yet matched with their pushes
         self._ack_conn: Any = None  # the connection QoS records and acknowledges on
         self._ack_replies = 0  # replies to those writes not read yet
         #: Set by the consumer: called with the free prefetch before a fetch that would take
@@ -238,14 +243,10 @@ class Channel(RedisChannel):
         yield self._sync_client
 
     def put_direct(self, queue: str, body: str, headers: dict[str, Any],
-                   properties: dict[str, Any], priority: int | None) -> None:
+                   properties: dict[str, Any], priority: int | None, wait: bool = True,
+                   window: int = 1) -> None:
         """Publish a JSON ``body`` to ``queue`` through the default exchange: the message kombu's
-        ``Producer.publish`` writes, in one ``LPUSH`` (see ``lpush``) on a connection held for
-        publishing. Errors reach the caller; the connection is then made again next time.
-
-        Only a publish that closely follows another polls for the reply (``SPIN_SECONDS``):
-        one on its own blocks on the socket and leaves the CPU to Redis and to the workers,
-        which on a shared machine would otherwise start its task later."""
+        ``Producer.publish`` writes, in one ``LPUSH`` (see ``push``)."""
         encoded, encoding = self.encode_body(body, self.body_encoding)
         pri = self.default_priority if priority is None else priority
         # kombu's envelope, key for key (prepare_message, then _inplace_augment_message).
@@ -257,16 +258,101 @@ class Channel(RedisChannel):
                            "delivery_tag": new_id()},
         }
         key = (self.global_keyprefix or "") + self._q_for_pri(queue, pri)
+        self.push([Pushed(key.encode(), to_json(message).encode(), headers.get("id"))], wait,
+                  window)
+
+    def push(self, items: Iterable[Pushed], wait: bool = True, window: int = 1) -> None:
+        """``LPUSH`` each item on a connection held for publishing. With ``wait``, return once
+        Redis has answered every push so far; without, once written: the answers are read
+        together later, by ``settle()`` or once ``window`` pushes are unanswered (then until
+        half of them are left). TLS connections always wait.
+
+        ``Refused`` names the pushes Redis answered with an error, once every answer sent
+        before is read. On a connection error the connection is dropped; what it had not
+        answered stays in ``unanswered`` for the caller to push again on a new one.
+
+        Only a wait that closely follows another push polls for the answer (``SPIN_SECONDS``):
+        one on its own blocks on the socket and leaves the CPU to Redis and to the workers,
+        which on a shared machine would otherwise start its task later."""
         conn = self._publish_conn = self._publish_conn or self.own_connection()
         follows = monotonic() - self._published_at < BURST_SECONDS
         try:
-            lpush(conn, key.encode(), to_json(message).encode(),
-                  SPIN_SECONDS if follows else 0.0)
-        except BaseException:
-            self._publish_conn = None
-            conn.disconnect()
+            sock = conn._sock
+            tls = isinstance(sock, ssl.SSLSocket)
+            items = list(items)
+            self.unanswered.extend(items)  # before any is written: none is lost on an error
+            for item in items:
+                if tls:  # redis-py reads TLS records: one command, then its answer
+                    conn.send_packed_command(conn.pack_command("LPUSH", item.key, item.payload),
+                                             check_health=False)
+                    self._answer_tls(conn)
+                else:
+                    sock.sendall(b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                                 % (len(item.key), item.key, len(item.payload), item.payload))
+            if wait:
+                self._read_answers(sock, 0, SPIN_SECONDS if follows else 0.0)
+            elif len(self.unanswered) >= window:
+                self._read_answers(sock, window // 2)
+        except OSError as exc:  # redis-py's ConnectionError is not one
+            self._drop_publish_conn()
+            raise RedisConnectionError(f"Error writing to Redis: {exc}") from exc
+        except RedisConnectionError:
+            self._drop_publish_conn()
             raise
-        self._published_at = monotonic()
+        finally:
+            self._published_at = monotonic()
+
+    def settle(self) -> None:
+        """Return once Redis has answered every push (see ``push``)."""
+        if self.unanswered:
+            self.push((), wait=True)
+
+    def take_unanswered(self) -> list[Pushed]:
+        """The pushes not answered yet, in order, forgotten here (for another connection)."""
+        taken = list(self.unanswered)
+        self.unanswered.clear()
+        return taken
+
+    def _read_answers(self, sock: Any, left: int, spin: float = 0.0) -> None:
+        """Read answers until at most ``left`` pushes are unanswered, polling for up to ``spin``
+        seconds before blocking; an error answer makes it read all of them, then raise."""
+        buffer, unanswered = self._answers, self.unanswered
+        refused: list[tuple[str | None, str]] = []
+        deadline = monotonic() + spin
+        while len(unanswered) > left:
+            end = buffer.find(b"\r\n")
+            if end < 0:  # an answer is ``:<length>\r\n`` or ``-<error>\r\n``
+                chunk = _recv_now(sock)
+                if chunk is None:
+                    if monotonic() < deadline:
+                        continue
+                    chunk = sock.recv(REPLY_BUFFER)
+                if not chunk:
+                    raise RedisConnectionError("Connection closed by the server")
+                buffer += chunk
+                continue
+            item = unanswered.popleft()
+            if buffer.startswith(b"-"):
+                refused.append((item.task_id, buffer[1:end].decode(errors="replace")))
+                left = 0
+            del buffer[:end + 2]
+        if refused:
+            raise Refused(refused)
+
+    def _answer_tls(self, conn: Any) -> None:
+        item = self.unanswered[-1]
+        try:
+            conn.read_response()
+        except ResponseError as exc:
+            self.unanswered.pop()
+            raise Refused([(item.task_id, str(exc))]) from None
+        self.unanswered.pop()
+
+    def _drop_publish_conn(self) -> None:
+        if self._publish_conn is not None:
+            self._publish_conn.disconnect()
+        self._publish_conn = None
+        self._answers.clear()
 
     def own_connection(self) -> Any:
         """A connection of the channel's pool, connected, held by whoever asked for it."""
@@ -281,9 +367,7 @@ class Channel(RedisChannel):
 
     def _disconnect_pools(self) -> None:
         self._sync_client = None  # its pool is being closed
-        if self._publish_conn is not None:
-            self._publish_conn.disconnect()
-            self._publish_conn = None
+        self._drop_publish_conn()
         self._drop_ack_conn()
         super()._disconnect_pools()
 
