@@ -39,9 +39,12 @@ PUBLISH_RETRY_POLICY = {"max_retries": 4, "interval_start": 0.2, "interval_step"
 
 REDIS_VISIBILITY_TIMEOUT = 300
 
-#: Task messages a process may have published to RabbitMQ unconfirmed before a call waits for
-#: their confirms (``BROKER_OPTIONS["confirm_window"]``; ``1`` waits for each message's).
-CONFIRM_WINDOW = 256
+#: Task messages a process may have published to RabbitMQ or Redis unconfirmed (and keeps, to
+#: send again) before a call waits for the broker's confirms or answers
+#: (``BROKER_OPTIONS["confirm_window"]``; ``1`` waits for each message's). RabbitMQ confirms
+#: persistent messages once they are on disk: a window of a few thousand lets a client go on
+#: writing meanwhile.
+CONFIRM_WINDOW = 4096
 #: Seconds a wait for confirms may pass with nothing from RabbitMQ before it fails.
 CONFIRM_TIMEOUT = 30.0
 
@@ -355,10 +358,16 @@ class Publisher:
             raise
 
     def _ensured(self, fun: Callable[[], None]) -> None:
-        """``fun()``, retried on a new connection (kombu's ``ensure``) while the policy allows."""
+        """``fun()``, retried on a new connection (kombu's ``ensure``) while the policy allows.
+        It is called plainly first: kombu's wrapper costs a good part of a publish."""
+        assert self._conn is not None and self._producer is not None
+        try:
+            return fun()
+        except (*self._conn.recoverable_connection_errors,
+                *self._conn.recoverable_channel_errors):
+            pass  # kombu's wrapper calls it again, and reconnects when that fails too
         call = self._retrying.get(fun.__name__)
         if call is None:
-            assert self._conn is not None and self._producer is not None
             call = self._retrying[fun.__name__] = self._conn.ensure(
                 self._producer, fun, **PUBLISH_RETRY_POLICY)
         call()

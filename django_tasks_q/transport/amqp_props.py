@@ -65,28 +65,46 @@ def _value(v: Any) -> bytes:
 
 def table(d: dict[str, Any]) -> bytes:
     """``d`` as an AMQP field table: its length, then each key and value."""
-    data = b"".join([_key(k) + _value(v) for k, v in d.items()])
+    parts: list[bytes] = []
+    add, keys = parts.append, _keys
+    for k, v in d.items():
+        add(keys.get(k) or _key(k))
+        if v.__class__ is str:  # most headers: inline, as _value writes them
+            raw = v.encode("utf-8", "surrogatepass")
+            add(b"S" + _U32.pack(len(raw)))
+            add(raw)
+        elif v is None:
+            add(b"V")
+        else:
+            add(_value(v))
+    data = b"".join(parts)
     return _U32.pack(len(data)) + data
+
+
+#: The basic properties in the order of their flag bits, each with its kind and flag.
+_FLAGGED = [(name, kind, 0x8000 >> bit) for bit, (name, kind) in enumerate(PROPERTIES)]
 
 
 def encode(props: dict[str, Any]) -> bytes:
     """The basic properties ``props`` as a content header carries them: flags, then values."""
     flags = 0
-    parts = []
-    for bit, (name, kind) in enumerate(PROPERTIES):
+    parts: list[bytes] = []
+    add = parts.append
+    for name, kind, flag in _FLAGGED:
         value = props.get(name)
         if value is None:
             continue
-        flags |= 1 << (15 - bit)
+        flags |= flag
         if kind == "s":
             raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
-            parts.append(bytes((len(raw),)) + raw)
+            add(bytes((len(raw),)))
+            add(raw)
         elif kind == "o":
-            parts.append(bytes((value,)))
+            add(bytes((value,)))
         elif kind == "F":
-            parts.append(table(value))
+            add(table(value))
         else:
-            parts.append(dumps(kind, [value]))
+            add(dumps(kind, [value]))
     return _U16.pack(flags) + b"".join(parts)
 
 
