@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import CroniterBadDateError, croniter
 
 #: How near a DST change a time must be for the crontab maths to take it into account.
 MARGIN = timedelta(hours=3)
@@ -53,14 +52,24 @@ def check_crontab(expr: str) -> str:
         raise ValueError(f"crontab {expr!r} has {len(fields)} field(s); it needs five: minute, "
                          f"hour, day of month, month, day of week (e.g. '30 2 * * *')")
     normal = " ".join(fields)
-    if not croniter.is_valid(normal):
+    from croniter import CroniterBadDateError
+
+    if not _croniter().is_valid(normal):
         raise ValueError(f"crontab {expr!r} is not valid: each field is a number, a range "
                          f"(1-5), a step (*/15), a list (1,15) or *")
     try:
-        croniter(normal, datetime(2000, 1, 1)).get_next(datetime)
+        _croniter()(normal, datetime(2000, 1, 1)).get_next(datetime)
     except CroniterBadDateError:
         raise ValueError(f"crontab {expr!r} never fires (no date matches it)") from None
     return normal
+
+
+def _croniter() -> Any:
+    # Imported when first needed: it is slow to import (it runs the ``file`` command to learn
+    # whether the interpreter is 32-bit), and a worker without periodic tasks never needs it.
+    from croniter import croniter
+
+    return croniter
 
 
 def _utc(t: datetime) -> datetime:
@@ -90,14 +99,14 @@ class Crontab:
         """The first slot strictly after ``t``."""
         t = _utc(t)
         wall = self._wall(t)
-        candidate = self._instant(croniter(self.expr, wall).get_next(datetime))
+        candidate = self._instant(_croniter()(self.expr, wall).get_next(datetime))
         shift = max(self._shift(t), self._shift(candidate))
         if not shift:
             return candidate
         # Near a DST change the order of wall-clock times is not the order of instants: look
         # at every match from ``shift`` before t until no later match can come earlier.
         best: datetime | None = None
-        times = croniter(self.expr, wall - shift)
+        times = _croniter()(self.expr, wall - shift)
         while True:
             w = times.get_next(datetime)
             if best is not None and w - shift > self._wall(best):
