@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import pkgutil
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from django.core import checks
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 
 #: The tag of the checks ``taskworker`` and ``taskbeat`` run, with databases, as they start.
 STARTUP = "django_tasks_q_startup"
+#: This app's label, whose migrations E012 checks.
+APP_LABEL = "django_tasks_q"
 #: transport/django.py's lease when BROKER_OPTIONS sets no ``visibility_timeout``.
 DJANGO_VISIBILITY_TIMEOUT = 60.0
 
@@ -99,18 +103,20 @@ def check_start(app_configs: Any = None, databases: Sequence[str] | None = None,
 def _check_migrations(alias: str) -> list[checks.CheckMessage]:
     """E012 when this app's migrations are not all applied on ``alias``."""
     from django.db import DatabaseError, connections
-    from django.db.migrations.loader import MigrationLoader
+    from django.db.migrations.recorder import MigrationRecorder
 
     try:
-        loader = MigrationLoader(connections[alias], ignore_no_migrations=True)
+        applied = {name for app, name in MigrationRecorder(connections[alias]).applied_migrations()
+                   if app == APP_LABEL}
+        if applied.issuperset(_migration_names()):
+            return []  # the usual case, told without loading every app's migrations
+        missing = _unapplied(alias)
     except DatabaseError as exc:
         return [checks.Warning(
             f"Could not check the migrations of django_tasks_q on database {alias!r} "
             f"({type(exc).__name__}: {str(exc).strip()}).",
             hint="Starting anyway: the process retries the database until it is reachable.",
             id="django_tasks_q.W003")]
-    missing = sorted(name for app, name in loader.graph.nodes
-                     if app == "django_tasks_q" and (app, name) not in loader.applied_migrations)
     if not missing:
         return []
     option = "" if alias == "default" else f" --database={alias}"
@@ -119,6 +125,32 @@ def _check_migrations(alias: str) -> list[checks.CheckMessage]:
         f"({', '.join(missing)}): its tables are missing or out of date.",
         hint=f"Run 'python manage.py migrate{option}', then start the process again.",
         id="django_tasks_q.E012")]
+
+
+def _migration_names() -> list[str]:
+    """The names of this app's migration modules, where Django's loader looks for them."""
+    from django.db.migrations.loader import MigrationLoader
+
+    module_name, _ = MigrationLoader.migrations_module(APP_LABEL)
+    if module_name is None:  # MIGRATION_MODULES turns them off
+        return []
+    try:
+        path = import_module(module_name).__path__
+    except (ImportError, AttributeError):
+        return []
+    return [name for _, name, is_pkg in pkgutil.iter_modules(path)
+            if not is_pkg and name[0] not in "_~"]
+
+
+def _unapplied(alias: str) -> list[str]:
+    """This app's migrations not applied on ``alias``, as ``migrate`` sees them (squashed
+    migrations included): Django's loader reads every app's migrations to tell."""
+    from django.db import connections
+    from django.db.migrations.loader import MigrationLoader
+
+    loader = MigrationLoader(connections[alias], ignore_no_migrations=True)
+    return sorted(name for app, name in loader.graph.nodes
+                  if app == APP_LABEL and (app, name) not in loader.applied_migrations)
 
 
 #: Seconds an SQLite writer must be allowed to wait for the lock before W004 is quiet.

@@ -264,6 +264,25 @@ def test_migrate_and_check_are_not_stopped_by_missing_migrations() -> None:
         assert ids(startchecks.check_start(databases=["default"])) == ["django_tasks_q.E012"]
 
 
+@pytest.mark.django_db
+def test_applied_migrations_are_told_without_loading_every_apps_migrations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("MigrationLoader built")
+
+    monkeypatch.setattr("django.db.migrations.loader.MigrationLoader.__init__", refuse)
+    with startchecks.starting(None):
+        assert startchecks.check_start(databases=["default"]) == []
+
+
+@pytest.mark.django_db
+def test_no_migration_is_missing_when_migration_modules_turns_them_off() -> None:
+    MigrationRecorder(connection).record_unapplied("django_tasks_q", "0005_queue_binding")
+    with override_settings(MIGRATION_MODULES={"django_tasks_q": None}), \
+            startchecks.starting(None):
+        assert startchecks.check_start(databases=["default"]) == []
+
+
 def test_an_unreachable_database_is_a_warning_not_a_refusal(
         sqlite_alias: str, django_db_blocker: Any) -> None:
     with override_settings(TASKS_Q={"BROKER_URL": "django://",
