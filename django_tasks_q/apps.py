@@ -19,7 +19,7 @@ class TasksQConfig(AppConfig):
         from . import broker, canvas, checks, registry
 
         checks.register()
-        # Tasks a request sent to RabbitMQ are confirmed before its process takes the next one.
+        # Tasks a request sent are confirmed (RabbitMQ, Redis) before its process takes the next.
         request_finished.connect(broker.flush_or_log, dispatch_uid="django_tasks_q.flush")
         canvas.register_builtins()
         registry.autodiscover()

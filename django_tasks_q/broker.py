@@ -316,8 +316,9 @@ class Publisher:
                 self._raise(exc, unsent)
 
     def flush(self) -> None:
-        """Return once RabbitMQ has confirmed every message published so far (at once on the
-        other brokers); ``EnqueueError`` names what it refused or what could not be sent."""
+        """Return once RabbitMQ or Redis has confirmed every message published so far (at once
+        on the other brokers); ``EnqueueError`` names what it refused or what could not be
+        sent."""
         with self._lock:
             try:
                 if self._outbox or self._confirms:
@@ -490,8 +491,9 @@ def publisher() -> Publisher:
 
 
 def flush() -> None:
-    """Return once RabbitMQ has confirmed every task message this process published;
-    ``EnqueueError`` names those it refused or that could not be sent."""
+    """Return once the broker has confirmed every task message this process published
+    (RabbitMQ's confirms, Redis's answers); ``EnqueueError`` names those it refused or that
+    could not be sent."""
     pub = _publisher
     if pub is not None:
         pub.flush()

@@ -6,7 +6,8 @@ from, so an error that closes one (a refused declaration) never closes another's
 tasks'. Their callbacks run on the worker's event loop, between task messages, guarded: one that
 raises is logged with the message's id and the message is rejected, and the loop goes on.
 
-Tasks a handler (or a step, or a timer call) sends are confirmed by RabbitMQ when it returns, as
+Tasks a handler (or a step, or a timer call) sends are confirmed by the broker (RabbitMQ's
+confirms, Redis's answers) when it returns, as
 a pool child has those of a task confirmed when the task ends: nothing else in the worker's
 process would collect those confirms, or send the messages again on a new connection.
 """
