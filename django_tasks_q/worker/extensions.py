@@ -7,9 +7,9 @@ tasks'. Their callbacks run on the worker's event loop, between task messages, g
 raises is logged with the message's id and the message is rejected, and the loop goes on.
 
 Tasks a handler (or a step, or a timer call) sends are confirmed by the broker (RabbitMQ's
-confirms, Redis's answers) when it returns, as
-a pool child has those of a task confirmed when the task ends: nothing else in the worker's
-process would collect those confirms, or send the messages again on a new connection.
+confirms, Redis's answers) when it returns, as a pool child has those of a task confirmed when
+the task ends: nothing else in the worker's process would collect those confirms, or send the
+messages again on a new connection.
 """
 
 from __future__ import annotations
