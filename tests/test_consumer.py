@@ -160,6 +160,20 @@ def test_revoked_task_is_not_run() -> None:
     assert AsyncResult(r.id).status == "REVOKED"
 
 
+def test_ids_revoked_before_the_start_are_read_before_the_pool_starts() -> None:
+    r = tasks.multiply.delay(1, 2)  # due at once: only the ids read at the start can stop it
+    AsyncResult(r.id).revoke()
+    tasks.multiply.delay(5, 5)
+    consumer = Consumer(["default"], POOLS["solo"](1, "t", on_done=lambda j, o: None), "t",
+                        prefetch=4)
+    consumer.read_revoked()  # as Worker.run does, before the pool starts
+    assert r.id in consumer.revoked
+    done = run_consumer(consumer, 1, 15)
+    assert [(job.msg.name, job.msg.args, outcome.status) for job, outcome in done] == [
+        ("tests.tasks.multiply", [5, 5], "SUCCESS")]
+    assert AsyncResult(r.id).status == "REVOKED"
+
+
 def test_prefork_is_refused_on_memory_broker() -> None:
     with pytest.raises(ValueError, match="memory:// broker lives inside one process"):
         Worker(WorkerOptions(queues=["default"], concurrency=2, pool="prefork"))

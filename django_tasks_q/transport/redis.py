@@ -34,10 +34,16 @@ from socket import MSG_DONTWAIT
 from time import monotonic, time
 from typing import Any, NamedTuple
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # redis-py before 8
+    DriverInfo = None  # type: ignore[assignment,misc]
 from redis.exceptions import NoScriptError, ResponseError
 
 from ..message import CONTENT_ENCODING, CONTENT_TYPE, new_id, to_json
@@ -45,6 +51,7 @@ from . import wirejson
 from .acks import BatchedAcks
 from .base import RedisChannel, RedisQoS
 
+_REDIS_VERSION = tuple(int(part) for part in redis.__version__.split(".")[:2] if part.isdigit())
 #: The most messages one round trip takes (the free prefetch bounds it too).
 POP_LIMIT = 100
 #: How long a publish that follows another polls for Redis's reply before it blocks on the
@@ -241,6 +248,16 @@ class Channel(RedisChannel):
         if self._sync_client is None:
             self._sync_client = self._create_client()
         yield self._sync_client
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # redis-py 8 looks its own version up in the installed packages' metadata for every
+        # connection it makes (a few milliseconds each, several connections per worker start).
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        if DriverInfo is not None:  # redis-py 8
+            params.setdefault("driver_info", DriverInfo(lib_version=redis.__version__))
+        elif _REDIS_VERSION >= (5,):
+            params.setdefault("lib_version", redis.__version__)
+        return params
 
     def put_direct(self, queue: str, body: str, headers: dict[str, Any],
                    properties: dict[str, Any], priority: int | None, wait: bool = True,

@@ -116,6 +116,7 @@ class Consumer:
         #: Celery-compatible events (worker/events.py), among the watchers when set.
         self.events: Events | None = None
         self._revoked_since: datetime | None = None
+        self._revoked_read = float("-inf")  # when revoked ids were last read (monotonic)
         pool.on_done = self.on_done
         pool.on_slot = self._dispatch
         pool.on_return = self._returned
@@ -199,7 +200,8 @@ class Consumer:
         if self._polled:
             hub.call_repeatedly(conn.transport.polling_interval or 0.1, self._poll)
         hub.propagate_errors = conn.connection_errors + conn.channel_errors
-        self._refresh_revoked()
+        if time.monotonic() - self._revoked_read >= REVOKED_REFRESH:  # see read_revoked()
+            self._refresh_revoked()
         for hook in self.on_connect:
             hook(hub)
         for watcher in self.watchers:  # before the first delivery, which they are told of
@@ -616,7 +618,13 @@ class Consumer:
             self._set_prefetch()
             self._dispatch()
 
-    def _refresh_revoked(self) -> None:
+    def read_revoked(self) -> None:
+        """Read the revoked task ids before the worker forks its pool, on the database
+        connection its start-up checks opened: the first connection to the broker need not
+        wait for a new one (the pool closes it), and the ids are read again every second."""
+        self._refresh_revoked(running=False)
+
+    def _refresh_revoked(self, running: bool = True) -> None:
         # Revocations are rows in the result store; reading the new ones once a second keeps
         # the per-message path free of database queries.
         now = timezone.now()
@@ -628,11 +636,14 @@ class Consumer:
             self._database_failed("Could not read revoked tasks", exc)
             return
         self._database_ok()
+        self._revoked_read = time.monotonic()
         # Overlap the windows: a row committed late with an earlier timestamp is still seen.
         self._revoked_since = now - timedelta(seconds=5)
         self.revoke({task_id for task_id, _ in rows})
-        self.revoke({task_id for task_id, result in rows
-                     if isinstance(result, dict) and result.get("terminate")}, terminate=True)
+        if running:  # else nothing runs yet: none of them will start
+            self.revoke({task_id for task_id, result in rows
+                         if isinstance(result, dict) and result.get("terminate")},
+                        terminate=True)
 
     def revoke(self, task_ids: set[str], terminate: bool = False) -> list[str]:
         """Run none of ``task_ids`` from now on; with ``terminate``, kill those running now.

@@ -152,6 +152,7 @@ class Worker:
         previous = signal.set_wakeup_fd(wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, self._on_signal)
+        self.consumer.read_revoked()
         self.pool.start()
         try:
             self.extensions.start()
