@@ -384,6 +384,28 @@ def test_publishes_a_lost_connection_had_not_answered_are_pushed_again(
     assert set(ids) <= set(waiting_ids(redis_client, qname))
 
 
+def test_over_tls_each_push_is_answered_before_the_next_and_a_refusal_names_its_own(
+        redis_client: redis.Redis, qname: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    # redis-py reads TLS connections itself: this connection is taken for one.
+    monkeypatch.setattr(redis_transport.ssl, "SSLSocket", socket.socket)
+    redis_client.set(f"{qname}-bad", "not a list")
+    with broker.connection() as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, redis_transport.Channel)
+        pushes = [redis_transport.Pushed(key.encode(), b"{}", task_id)
+                  for key, task_id in ((qname, "a"), (f"{qname}-bad", "b"), (qname, "c"))]
+        with pytest.raises(redis_transport.Refused) as refused:
+            channel.push(pushes, wait=False, window=100)
+        assert [task_id for task_id, _ in refused.value.refused] == ["b"]
+        assert "WRONGTYPE" in str(refused.value)
+        assert [p.task_id for p in channel.unanswered] == ["c"]  # never written: push it again
+        channel.push(channel.take_unanswered(), wait=False, window=100)
+        assert not channel.unanswered
+    assert redis_client.llen(qname) == 2
+
+
 def test_acks_taken_later_free_the_slot_at_once_and_reach_redis_together(
         redis_client: redis.Redis, qname: str) -> None:
     publish(qname, 3)

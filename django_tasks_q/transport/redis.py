@@ -19,7 +19,7 @@ Publishing writes kombu's message envelope, key for key, in one ``LPUSH`` on a c
 channel holds for it (kombu builds two clients per publish and goes through its producer's
 serializer, compression and retry machinery each time). A publish that waits returns once Redis
 has answered; ``.delay()`` returns once the command is written, and Redis's answers are read
-together later (at the end of the request or task, or every few hundred publishes), as
+together later (at the end of the request or task, or every few thousand publishes), as
 RabbitMQ's confirms are. What a lost connection had not answered is pushed again.
 """
 
@@ -357,13 +357,15 @@ class Channel(RedisChannel):
             raise Refused(refused)
 
     def _answer_tls(self, conn: Any) -> None:
-        item = self.unanswered[-1]
+        # Each push over TLS is answered before the next is written: the oldest is this one.
+        item = self.unanswered.popleft()
         try:
             conn.read_response()
         except ResponseError as exc:
-            self.unanswered.pop()
             raise Refused([(item.task_id, str(exc))]) from None
-        self.unanswered.pop()
+        except BaseException:
+            self.unanswered.appendleft(item)  # its answer is unknown
+            raise
 
     def _drop_publish_conn(self) -> None:
         if self._publish_conn is not None:
