@@ -14,15 +14,12 @@ from django_tasks_q.canvas import Signature, chain, chord, group
 
 from ..conftest import require
 from .conftest import REDIS_DB, MakeProject, Project, wait_for, with_db
+from .test_leases import SHORT_LEASES  # a dead worker's messages back within seconds
 
 pytestmark = pytest.mark.e2e
 
 TASKS = "testproject.testapp.tasks"
 STOP = 10  # seconds a worker may take to exit after SIGTERM
-# Leases short enough for a dead worker's messages to come back within seconds (Redis and
-# django://); RabbitMQ gives them back as soon as the dead worker's connection is gone.
-SHORT_LEASES = {"visibility_timeout": 2, "unacked_restore_interval": 0.5,
-                "unacked_restore_throttle": 1}
 
 
 def sig(project: Project, name: str, *args: Any, **kwargs: Any) -> Signature:
