@@ -289,13 +289,9 @@ class Publisher:
                     declare(conn, [queue_name])
                     self._declared.add(queue_name)
                 if self._direct:
-                    channel = self._producer.channel
-                    try:
-                        channel.put_direct(
-                            queue_name, body, headers, dict(properties, delivery_mode=2),
-                            wire_priority(conn, priority), wait=wait, window=self._window)
-                    except conn.connection_errors:
-                        self._push_again(channel)
+                    self._on_redis(lambda channel: channel.put_direct(
+                        queue_name, body, headers, dict(properties, delivery_mode=2),
+                        wire_priority(conn, priority), wait=wait, window=self._window))
                     return
                 if self._confirm:
                     self._outbox.append(_Outgoing(body, headers, properties, queue_name, priority))
@@ -324,7 +320,7 @@ class Publisher:
                 if self._outbox or self._confirms:
                     self._ensured(self._collect)
                 elif (channel := self._redis_channel()) and channel.unanswered:
-                    self._settle()
+                    self._on_redis(redis_transport.Channel.settle)
             except Exception as exc:
                 self._raise(exc)
 
@@ -333,12 +329,13 @@ class Publisher:
         made = getattr(self._producer, "_channel", None)
         return made if isinstance(made, redis_transport.Channel) else None
 
-    def _settle(self) -> None:
-        """Redis: read the answers to every push so far (see ``Channel.push``)."""
+    def _on_redis(self, call: Callable[[redis_transport.Channel], None]) -> None:
+        """``call(channel)`` on the producer's Redis channel; if its connection is lost, what
+        it had not answered is pushed again on a new one."""
         assert self._conn is not None and self._producer is not None
         channel = self._producer.channel
         try:
-            channel.settle()
+            call(channel)
         except self._conn.connection_errors:
             self._push_again(channel)
 

@@ -51,7 +51,6 @@ from . import wirejson
 from .acks import BatchedAcks
 from .base import RedisChannel, RedisQoS
 
-_REDIS_VERSION = tuple(int(part) for part in redis.__version__.split(".")[:2] if part.isdigit())
 #: The most messages one round trip takes (the free prefetch bounds it too).
 POP_LIMIT = 100
 #: How long a publish that follows another polls for Redis's reply before it blocks on the
@@ -255,7 +254,7 @@ class Channel(RedisChannel):
         params: dict[str, Any] = super()._connparams(asynchronous)
         if DriverInfo is not None:  # redis-py 8
             params.setdefault("driver_info", DriverInfo(lib_version=redis.__version__))
-        elif _REDIS_VERSION >= (5,):
+        elif redis.VERSION >= (5,):
             params.setdefault("lib_version", redis.__version__)
         return params
 
