@@ -361,6 +361,8 @@ def main():
     if a.cmd == "meta":
         return meta(a)
     with services.exclusive():
+        if a.broker == "amqp":
+            services.drop_amqp_queues()
         run_workload(a)
 
 

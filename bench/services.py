@@ -130,6 +130,15 @@ def reset_state(broker):
                 cur.execute(f"DELETE FROM {table}")
 
 
+def drop_amqp_queues():
+    """Delete the systems' RabbitMQ queues, for each system to declare its own as its installed
+    version does (a purge keeps the arguments a queue was declared with, such as an earlier
+    version's x-max-priority, and what they cost the broker)."""
+    for queue in (q for s in SYSTEMS.values() for q in s.amqp_queues):
+        with contextlib.suppress(Exception), amqp_channel() as ch:
+            ch.queue_delete(queue)
+
+
 def pending(name, broker):
     """Messages still in the broker for system ``name`` (for the W1 check, stalls and losses)."""
     try:

@@ -54,66 +54,105 @@ MAX_PRIORITY = 9
 PRECONDITION_FAILED = 406
 
 _warned_unprioritised: set[str] = set()
+_warned_ignored: set[str] = set()
 
 
-def queue(name: str, priorities: bool = True, declared: bool = False) -> Queue:
+class Declared(NamedTuple):
+    """What ``declare`` returns: the queues, ready to consume from, and the names of those
+    RabbitMQ holds without priorities (declared so here)."""
+
+    queues: list[Queue]
+    plain: frozenset[str]
+
+
+def queue(name: str, priority: int | None = None, declared: bool = False) -> Queue:
     """The durable queue ``name``, bound to a direct exchange of the same name (Celery's layout).
 
-    With ``priorities`` it carries ``x-max-priority``: RabbitMQ orders by priority only in
-    queues declared with it (other brokers ignore the argument). A ``declared`` queue is one
-    kombu must not declare again (see ``declare``).
+    With ``priority`` it carries ``x-max-priority`` = ``priority``: RabbitMQ orders by priority
+    only in queues declared with it (other brokers ignore the argument). A ``declared`` queue
+    is one kombu must not declare again (see ``declare``).
     """
-    arguments = {"x-max-priority": MAX_PRIORITY} if priorities else None
+    arguments = {"x-max-priority": priority} if priority else None
     return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True,
                  queue_arguments=arguments, no_declare=declared)
 
 
-def declare(conn: Connection, names: Iterable[str]) -> list[Queue]:
-    """Declare the queues ``names``; return them ready to consume from, not to be declared again.
+def configured_queue(name: str) -> Queue:
+    """The queue ``name`` as this process's settings declare it (``max_priority``)."""
+    return queue(name, conf.max_priority(conf.get().BROKER_OPTIONS))
 
-    A queue that exists already without our ``x-max-priority`` (declared by Celery, or by an
-    older version of this app) makes RabbitMQ refuse the declaration and close the channel. It
-    is then used as it is, without priorities, and one warning says what to do about it.
+
+def declare(conn: Connection, names: Iterable[str]) -> Declared:
+    """Declare the queues ``names`` (with ``x-max-priority`` where ``max_priority`` is set on
+    RabbitMQ, ``conf.max_priority``); return them ready to consume from, not to be declared again.
+
+    A queue that exists already with other arguments (without our ``x-max-priority``, with
+    another, or with one an earlier version of this app gave every queue) makes RabbitMQ refuse
+    the declaration and close the channel. It is then used as it is; if priorities were asked
+    for, one warning says that they may not be honoured and what to do about it.
     """
+    wanted = conf.max_priority(conn.transport_options or {})
+    amqp = conn.transport.driver_type == "amqp"
     ready: list[Queue] = []
+    plain: set[str] = set()
     # A channel of its own: the one a refusal closes is never the caller's.
     channel = conn.channel()
     try:
         for name in names:
-            priorities = True
             try:
-                queue(name).declare(channel=channel)
+                queue(name, wanted).declare(channel=channel)
             except conn.channel_errors as exc:
                 if getattr(exc, "reply_code", None) != PRECONDITION_FAILED:
                     raise
                 with contextlib.suppress(Exception):  # closed by the broker already
                     channel.close()
                 channel = conn.channel()
-                priorities = False
-                plain = queue(name, priorities=False)
-                plain.exchange.declare(channel=channel)
+                found = queue(name)
+                found.exchange.declare(channel=channel)
                 # Passive: whatever arguments the queue has, it is accepted as it is.
-                plain.queue_declare(passive=True, channel=channel)
-                plain.queue_bind(channel=channel)
-                _warn_unprioritised(name)
-            ready.append(queue(name, priorities=priorities, declared=True))
+                found.queue_declare(passive=True, channel=channel)
+                found.queue_bind(channel=channel)
+                _note_found(name, wanted)
+            else:
+                if amqp and not wanted:
+                    plain.add(name)
+            ready.append(queue(name, wanted, declared=True))
     finally:
         with contextlib.suppress(Exception):
             channel.close()
-    return ready
+    return Declared(ready, frozenset(plain))
 
 
-def _warn_unprioritised(name: str) -> None:
+def _note_found(name: str, wanted: int | None) -> None:
+    if not wanted:
+        logger.info("Queue %r exists with arguments of its own (x-max-priority from an earlier "
+                    "version of django-tasks-q, or Celery's task_queue_max_priority); using it "
+                    "as it is", name)
+        return
     if name in _warned_unprioritised:
         return
     _warned_unprioritised.add(name)
     logger.warning(
-        "Queue %r was declared earlier without x-max-priority=%d (by Celery, or by an older "
-        "version of django-tasks-q), so RabbitMQ does not honour task priorities on it; using "
-        "it as it is. To have them honoured, drain the queue and delete it, so that it is "
+        "Queue %r was declared earlier without x-max-priority=%d (by Celery, or with another "
+        "BROKER_OPTIONS['max_priority']), so RabbitMQ may not honour task priorities on it; "
+        "using it as it is. To have them honoured, drain the queue and delete it, so that it is "
         "declared again with the argument; where Celery workers or clients share it, first set "
         "task_queue_max_priority = %d in their configuration.",
-        name, MAX_PRIORITY, MAX_PRIORITY)
+        name, wanted, wanted)
+
+
+def warn_priority_ignored(queue_name: str, priority: int) -> None:
+    """Say once per queue that RabbitMQ does not honour ``priority`` on ``queue_name``, a queue
+    declared without priorities."""
+    if queue_name in _warned_ignored:
+        return
+    _warned_ignored.add(queue_name)
+    logger.warning(
+        "A task was sent to queue %r with priority=%d, but RabbitMQ holds that queue without "
+        "priorities, so its messages are delivered oldest first. To have priorities honoured, "
+        "set TASKS_Q['BROKER_OPTIONS']['max_priority'] = %d in every process, then drain the "
+        "queue and delete it, so that the next worker declares it again with priorities.",
+        queue_name, priority, MAX_PRIORITY)
 
 
 def queue_size(channel: Any, name: str) -> int:
@@ -266,6 +305,7 @@ class Publisher:
         #: Redis: pushes a lost connection had not answered, to push again on a new one.
         self._carried: list[redis_transport.Pushed] = []
         self._declared: set[str] = set()
+        self._plain: frozenset[str] = frozenset()  # declared without priorities on RabbitMQ
         #: kombu's retrying wrappers of the calls below, built once per connection.
         self._retrying: dict[str, Callable[[], None]] = {}
 
@@ -286,8 +326,10 @@ class Publisher:
                     # Connecting is retried like the publish below; the queue is declared on a
                     # channel of its own (see declare()), never on the producer's.
                     conn.ensure_connection(**PUBLISH_RETRY_POLICY)
-                    declare(conn, [queue_name])
+                    self._plain |= declare(conn, [queue_name]).plain
                     self._declared.add(queue_name)
+                if priority and queue_name in self._plain:
+                    warn_priority_ignored(queue_name, priority)
                 if self._direct:
                     self._on_redis(lambda channel: channel.put_direct(
                         queue_name, body, headers, dict(properties, delivery_mode=2),
@@ -453,6 +495,7 @@ class Publisher:
         self._carried.clear()
         self._direct = False
         self._declared.clear()
+        self._plain = frozenset()
         self._retrying.clear()
         return lost
 

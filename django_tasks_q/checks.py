@@ -23,7 +23,7 @@ UNSAFE_CONTENT = {"pickle": "application/x-python-serialize"}
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E001 bad value, W001 unknown key, E002-E008, E010-E011, E013 and W002 particular
+    """E001 bad value, W001 unknown key, E002-E008, E010-E011, E013-E014 and W002 particular
     settings."""
     try:
         cfg = conf.get()
@@ -41,6 +41,13 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         found.append(checks.Error(f"TASKS_Q['RESULTS'] is {cfg.RESULTS!r}.",
                                   hint="Use 'errors', 'all' or 'none'.", id="django_tasks_q.E002"))
     found.extend(_check_broker_url(cfg.BROKER_URL))
+    try:
+        conf.max_priority(cfg.BROKER_OPTIONS)
+    except ValueError as exc:
+        found.append(checks.Error(
+            str(exc), hint="Leave it out for queues without priorities (RabbitMQ's work per task "
+                           "is lowest), or set 9; see the Brokers page of the docs.",
+            id="django_tasks_q.E014"))
     if cfg.queues_explicit and cfg.DEFAULT_QUEUE not in cfg.QUEUES:
         found.append(checks.Error(
             f"TASKS_Q['DEFAULT_QUEUE'] {cfg.DEFAULT_QUEUE!r} is not in TASKS_Q['QUEUES'].",

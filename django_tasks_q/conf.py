@@ -38,6 +38,23 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def max_priority(options: dict[str, Any]) -> int | None:
+    """The ``x-max-priority`` RabbitMQ queues are declared with (``BROKER_OPTIONS
+    ["max_priority"]`` in ``options``), or None: no priorities, as Celery declares queues by
+    default.
+
+    A classic queue with priorities keeps one queue per level and looks through every empty
+    level above a message's for each delivery: the broker's work per task grows with the
+    levels, about half as much again with ten for messages sent without a priority."""
+    value = options.get("max_priority")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 255:
+        raise ValueError(f"TASKS_Q['BROKER_OPTIONS']['max_priority'] must be an int from 1 to "
+                         f"255 (9 honours all ten priorities) or None, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """A resolved snapshot of ``settings.TASKS_Q`` merged over the defaults."""

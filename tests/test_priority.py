@@ -1,4 +1,5 @@
-"""Priorities on every broker: 0-9, higher first, none = 0; RabbitMQ queues without them."""
+"""Priorities on every broker: 0-9, higher first, none = 0; RabbitMQ queues with and without
+them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from django.utils import timezone
 from kombu import Connection, Consumer, Exchange, Queue
 
 from django_tasks_q import broker, client, message
+from django_tasks_q.checks import check_settings
 from django_tasks_q.models import ParkedMessage
 from django_tasks_q.worker.consumer import Consumer as WorkerConsumer
 from django_tasks_q.worker.parking import Parking
@@ -34,7 +36,8 @@ KOMBU_REDIS_STEPS = [0, 3, 6, 9]  # kombu's default priority_steps
 
 
 @pytest.fixture(params=[pytest.param(kind, marks=pytest.mark.broker)
-                        for kind in ("redis", "redis-10-steps", "amqp", "django")])
+                        for kind in ("redis", "redis-10-steps", "amqp", "amqp-plain",
+                                     "django")])
 def target(request: pytest.FixtureRequest, settings: Any) -> str:
     """The kind of a real broker, configured as TASKS_Q's broker."""
     kind: str = request.param
@@ -43,8 +46,10 @@ def target(request: pytest.FixtureRequest, settings: Any) -> str:
         url = request.getfixturevalue("redis_url")
         if kind == "redis-10-steps":
             options = {"priority_steps": list(range(10))}
-    elif kind == "amqp":
+    elif kind.startswith("amqp"):
         url = require("amqp")
+        if kind == "amqp":
+            options = {"max_priority": broker.MAX_PRIORITY}
     else:
         url, options = "django://", {"visibility_timeout": 5, "polling_interval": 0.05}
     settings.TASKS_Q = {"BROKER_URL": url, "BROKER_OPTIONS": options}
@@ -68,6 +73,8 @@ def expected_order(kind: str, sent: list[int | None]) -> list[int]:
         if kind == "redis":  # default steps: bands, not levels (wire value = 9 - ours)
             wire = broker.MAX_PRIORITY - ours
             return KOMBU_REDIS_STEPS[bisect(KOMBU_REDIS_STEPS, wire) - 1]
+        if kind == "amqp-plain":  # declared without priorities: first in, first out
+            return 0
         return -ours
 
     return sorted(range(len(sent)), key=lambda i: rank(sent[i]))
@@ -82,7 +89,7 @@ def receive_one_at_a_time(qname: str, n: int, timeout: float = 15.0) -> list[Any
         raw.ack()
 
     with broker.connection() as conn:
-        consumer = Consumer(conn.channel(), broker.declare(conn, [qname]), accept=["json"],
+        consumer = Consumer(conn.channel(), broker.declare(conn, [qname]).queues, accept=["json"],
                             on_message=on_message, prefetch_count=1)
         consumer.consume()
         deadline = time.monotonic() + timeout
@@ -144,33 +151,100 @@ def test_a_parked_message_keeps_its_priority(target: str, qname: str) -> None:
     assert raw.properties["priority"] == (2 if target.startswith("redis") else 7)
 
 
+def plain_queue(name: str) -> Queue:
+    """``name`` as Celery declares it by default (no arguments), and as we do without
+    ``max_priority``."""
+    return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
+
+
+@contextlib.contextmanager
+def existing(amqp_url: str, declared: Queue, before: bool = True) -> Iterator[str]:
+    """``declared`` on RabbitMQ (``before`` the test, or by it), deleted after it, and the
+    publisher closed."""
+    if before:
+        with Connection(amqp_url) as conn:
+            declared(conn.default_channel).declare()
+    try:
+        yield declared.name
+    finally:
+        broker.publisher().close()
+        with Connection(amqp_url) as conn:
+            declared(conn.default_channel).delete()
+
+
+def broker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "django_tasks_q.broker" and r.levelno >= logging.WARNING]
+
+
 @pytest.mark.broker
 def test_a_queue_declared_without_x_max_priority_is_used_with_one_warning(
         amqp_url: str, settings: Any, caplog: pytest.LogCaptureFixture) -> None:
-    settings.TASKS_Q = {"BROKER_URL": amqp_url}
-    name = f"priority-legacy-{uuid.uuid4().hex[:8]}"
-    # As Celery (without task_queue_max_priority) or an older version of this app declared it.
-    legacy = Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
-    with Connection(amqp_url) as conn:
-        legacy(conn.default_channel).declare()
+    settings.TASKS_Q = {"BROKER_URL": amqp_url, "BROKER_OPTIONS": {"max_priority": 9}}
     caplog.set_level(logging.WARNING, logger="django_tasks_q.broker")
-    try:
+    # As Celery (without task_queue_max_priority) declared it.
+    with existing(amqp_url, plain_queue(f"priority-legacy-{uuid.uuid4().hex[:8]}")) as name:
         sent = [client.send_task(MULTIPLY, [i, 2], queue=name, priority=p).id
                 for i, p in enumerate([1, 9, None])]
         done = run_worker([name], expected=len(sent))
         later = client.send_task(MULTIPLY, [5, 5], queue=name, priority=9).id
         done += run_worker([name], expected=1)
-    finally:
-        broker.publisher().close()
-        with Connection(amqp_url) as conn:
-            legacy(conn.default_channel).delete()
 
     assert sorted((msg.id, status) for msg, status in done) == sorted(
         (task_id, "SUCCESS") for task_id in [*sent, later])
-    warnings = [r.getMessage() for r in caplog.records if "x-max-priority" in r.getMessage()]
+    warnings = broker_warnings(caplog)
     assert len(warnings) == 1, warnings
-    assert repr(name) in warnings[0]
+    assert repr(name) in warnings[0] and "x-max-priority=9" in warnings[0]
     assert "not honour" in warnings[0] and "task_queue_max_priority = 9" in warnings[0]
+
+
+@pytest.mark.broker
+def test_queues_are_declared_as_celery_declares_them_and_an_ignored_priority_is_named_once(
+        amqp_url: str, settings: Any, caplog: pytest.LogCaptureFixture) -> None:
+    settings.TASKS_Q = {"BROKER_URL": amqp_url}
+    caplog.set_level(logging.WARNING, logger="django_tasks_q.broker")
+    name = f"priority-plain-{uuid.uuid4().hex[:8]}"
+    with existing(amqp_url, plain_queue(name), before=False):
+        sent = [client.send_task(MULTIPLY, [i, 2], queue=name, priority=p).id
+                for i, p in enumerate([None, 9, 3])]
+        # Celery's declaration (no arguments) is the same as ours: RabbitMQ accepts it.
+        with Connection(amqp_url) as conn:
+            assert plain_queue(name)(conn.default_channel).declare() == name
+        done = run_worker([name], expected=len(sent))
+
+    assert [(msg.id, status) for msg, status in done] == [(i, "SUCCESS") for i in sent]
+    warnings = broker_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert repr(name) in warnings[0] and "priority=9" in warnings[0]
+    assert "TASKS_Q['BROKER_OPTIONS']['max_priority'] = 9" in warnings[0]
+
+
+@pytest.mark.broker
+def test_a_queue_declared_with_priorities_earlier_keeps_them_without_a_warning(
+        amqp_url: str, settings: Any, caplog: pytest.LogCaptureFixture) -> None:
+    settings.TASKS_Q = {"BROKER_URL": amqp_url}
+    caplog.set_level(logging.INFO, logger="django_tasks_q.broker")
+    # As an earlier version of this app declared every queue (and Celery's
+    # task_queue_max_priority does).
+    name = f"priority-earlier-{uuid.uuid4().hex[:8]}"
+    declared = Queue(name, Exchange(name, "direct", durable=True), routing_key=name,
+                     durable=True, queue_arguments={"x-max-priority": 9})
+    with existing(amqp_url, declared):
+        sent = [client.send_task(MULTIPLY, [i, 2], queue=name, priority=p).id
+                for i, p in enumerate([1, 9, None])]
+        done = run_worker([name], expected=len(sent))
+
+    assert [msg.id for msg, _ in done] == [sent[1], sent[0], sent[2]]
+    assert broker_warnings(caplog) == []
+    assert any(repr(name) in r.getMessage() and "using it as it is" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", [0, 256, 2.5, "9", True])
+def test_a_max_priority_that_rabbitmq_cannot_use_is_named(value: Any, settings: Any) -> None:
+    settings.TASKS_Q = {"BROKER_OPTIONS": {"max_priority": value}}
+    [error] = [e for e in check_settings() if e.id == "django_tasks_q.E014"]
+    assert repr(value) in error.msg and "from 1 to 255" in error.msg
 
 
 @pytest.mark.parametrize("bad", [-1, 10, 2.5, "9", True])

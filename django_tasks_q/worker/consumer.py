@@ -185,7 +185,7 @@ class Consumer:
         self._writer.register(hub)
         if wakeup_fd is not None and on_wakeup is not None:
             hub.add_reader(wakeup_fd, on_wakeup)
-        self.kombu = KombuConsumer(conn.channel(), queues=broker.declare(conn, self.queues),
+        self.kombu = KombuConsumer(conn.channel(), queues=broker.declare(conn, self.queues).queues,
                                    on_message=self.on_message,
                                    accept=list(conf.get().ACCEPT_CONTENT))
         self._unsettled = {} if conn.transport.driver_type == "amqp" else None

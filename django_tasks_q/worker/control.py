@@ -185,7 +185,8 @@ def revoke(state: Control, task_id: str | list[str], terminate: bool = False,
 @command
 def active_queues(state: Control, **kwargs: Any) -> list[dict[str, Any]]:
     """The queues this worker consumes from, as kombu describes them."""
-    return [dict(broker.queue(name).as_dict(recurse=True)) for name in state.consumer.queues]
+    return [dict(broker.configured_queue(name).as_dict(recurse=True))
+            for name in state.consumer.queues]
 
 
 @command

@@ -23,8 +23,6 @@ app.conf.update(
     worker_enable_remote_control=False,  # no pidbox queues left behind on RabbitMQ
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
-    # Our queues carry x-max-priority = 9 on RabbitMQ; Celery declares its own to match.
-    task_queue_max_priority=9,
 )
 
 

@@ -297,7 +297,7 @@ class Producer:
             from django_tasks_q.models import QueueMessage
 
             return QueueMessage.objects.filter(queue=queue).count()
-        _, count, _ = broker.queue(queue).bind(self.channel).queue_declare()
+        _, count, _ = broker.configured_queue(queue).bind(self.channel).queue_declare()
         return int(count)
 
     def op_delete_queue(self, queue: str) -> None:
