@@ -98,9 +98,10 @@ class Consumer:
         self._short_seen = False  # one finished since the last _check_short_room
         self._acks_sent: list[Job] = []  # their acknowledgements were sent, maybe not applied
         # AMQP: the channel's delivered and unsettled messages by tag, oldest first; and those
-        # that finished during this turn of the loop, acknowledged at its end (_ack_turn).
+        # finished since the last acknowledgement, acknowledged together (_ack_due).
         self._unsettled: dict[int, Job] | None = None
         self._acks_due: list[Job] = []
+        self._ack_timer: Any = None  # when _ack_due runs unless they fill half the window first
         self._unreachable = False
         self._received = False  # a message arrived since the watchdog last looked
         self._strikes = 0
@@ -344,6 +345,7 @@ class Consumer:
         for job in self._acks_due:
             job.stale = True
         self._acks_due = []
+        self._ack_timer = None  # on the event loop of the connection that died
         # Sent, perhaps not applied: sent again (it is harmless twice) from the next connection.
         self._orphans.extend((job, ACK) for job in self._acks_sent)
         self._acks_sent = []
@@ -445,8 +447,9 @@ class Consumer:
     def _ack_soon(self, job: Job, outcome: execute.Outcome) -> None:
         """Acknowledge ``job``, within ``ACK_DELAY`` seconds, together with the others finished
         meanwhile: their success rows (``results="all"``) in one statement first, then their
-        acknowledgements in one round trip where the transport can (transport/acks.py), whose
-        prefetch slot is free at once. A worker that dies in between runs them again."""
+        acknowledgements in one round trip where the transport can (transport/acks.py, or on
+        AMQP ``basic.ack`` frames that each cover many), sooner once they fill half the prefetch
+        window. A worker that dies in between runs them again."""
         if outcome.runtime < QUEUE_BEHIND_UNDER:
             self._short_seen = True
             if not self._short_room:
@@ -457,8 +460,10 @@ class Consumer:
         if outcome.unstored is None and not later:
             if self._unsettled is not None and not job.stale:
                 self._acks_due.append(job)
-                if len(self._acks_due) == 1:
-                    self.hub.call_soon(self._ack_turn)
+                if len(self._acks_due) >= self._ack_most():
+                    self._ack_due()
+                elif self._ack_timer is None:
+                    self._ack_timer = self.hub.call_later(ACK_DELAY, self._ack_due)
                 return
             self._settle(job, ACK)
             return
@@ -468,13 +473,21 @@ class Consumer:
         self._acking.append(_Finished(job, outcome.unstored, later))
         # Those not acknowledged here yet hold their prefetch slots: sent before they fill half
         # the window.
-        if len(self._acking) >= (ACK_BATCH if later else (self.prefetch + self._short_room) // 2):
+        if len(self._acking) >= (ACK_BATCH if later else self._ack_most()):
             self._flush_acks()
         elif len(self._acking) == 1:
             self.hub.call_later(ACK_DELAY, self._flush_acks)
 
-    def _ack_turn(self) -> None:
-        """Acknowledge on AMQP what finished during the last turn of the loop."""
+    def _ack_most(self) -> int:
+        """How many finished messages may wait for their acknowledgement, holding prefetch
+        slots: half the window (without those held until due)."""
+        return max(1, (self.prefetch + self._short_room) // 2)
+
+    def _ack_due(self) -> None:
+        """Acknowledge on AMQP what finished since the last acknowledgement."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         due, self._acks_due = self._acks_due, []
         self._ack_finished(due)
 
@@ -504,8 +517,8 @@ class Consumer:
         batch is acknowledged once written (``_written``). What finishes meanwhile goes in the
         next batch, ``ACK_DELAY`` after that (or sooner, once it is large); with ``confirm``
         the writer is waited for, and the rest is stored here."""
-        if self._acks_due:  # AMQP: not to wait for the end of the turn (shutdown)
-            self._ack_turn()
+        if self._acks_due:  # AMQP: not to wait for ACK_DELAY (shutdown)
+            self._ack_due()
         if self._writer.busy:
             if not confirm:
                 return  # the writer flushes again when it is done
