@@ -151,10 +151,19 @@ def test_a_parked_message_keeps_its_priority(target: str, qname: str) -> None:
     assert raw.properties["priority"] == (2 if target.startswith("redis") else 7)
 
 
-def plain_queue(name: str) -> Queue:
+def plain_queue(name: str, **arguments: Any) -> Queue:
     """``name`` as Celery declares it by default (no arguments), and as we do without
-    ``max_priority``."""
-    return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
+    ``max_priority``; or with ``arguments``."""
+    return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True,
+                 queue_arguments=arguments or None)
+
+
+def send_and_run(name: str, priorities: list[int | None]
+                 ) -> tuple[list[str], list[tuple[message.TaskMessage, str]]]:
+    """Send one task per priority to queue ``name``, then run them: their ids, and what ran."""
+    sent = [client.send_task(MULTIPLY, [i, 2], queue=name, priority=p).id
+            for i, p in enumerate(priorities)]
+    return sent, run_worker([name], expected=len(sent))
 
 
 @contextlib.contextmanager
@@ -184,9 +193,7 @@ def test_a_queue_declared_without_x_max_priority_is_used_with_one_warning(
     caplog.set_level(logging.WARNING, logger="django_tasks_q.broker")
     # As Celery (without task_queue_max_priority) declared it.
     with existing(amqp_url, plain_queue(f"priority-legacy-{uuid.uuid4().hex[:8]}")) as name:
-        sent = [client.send_task(MULTIPLY, [i, 2], queue=name, priority=p).id
-                for i, p in enumerate([1, 9, None])]
-        done = run_worker([name], expected=len(sent))
+        sent, done = send_and_run(name, [1, 9, None])
         later = client.send_task(MULTIPLY, [5, 5], queue=name, priority=9).id
         done += run_worker([name], expected=1)
 
@@ -205,12 +212,11 @@ def test_queues_are_declared_as_celery_declares_them_and_an_ignored_priority_is_
     caplog.set_level(logging.WARNING, logger="django_tasks_q.broker")
     name = f"priority-plain-{uuid.uuid4().hex[:8]}"
     with existing(amqp_url, plain_queue(name), before=False):
-        sent = [client.send_task(MULTIPLY, [i, 2], queue=name, priority=p).id
-                for i, p in enumerate([None, 9, 3])]
-        # Celery's declaration (no arguments) is the same as ours: RabbitMQ accepts it.
+        # Declared by the first send; Celery's declaration (no arguments) is the same as ours:
+        # RabbitMQ accepts it.
+        sent, done = send_and_run(name, [None, 9, 3])
         with Connection(amqp_url) as conn:
             assert plain_queue(name)(conn.default_channel).declare() == name
-        done = run_worker([name], expected=len(sent))
 
     assert [(msg.id, status) for msg, status in done] == [(i, "SUCCESS") for i in sent]
     warnings = broker_warnings(caplog)
@@ -227,12 +233,8 @@ def test_a_queue_declared_with_priorities_earlier_keeps_them_without_a_warning(
     # As an earlier version of this app declared every queue (and Celery's
     # task_queue_max_priority does).
     name = f"priority-earlier-{uuid.uuid4().hex[:8]}"
-    declared = Queue(name, Exchange(name, "direct", durable=True), routing_key=name,
-                     durable=True, queue_arguments={"x-max-priority": 9})
-    with existing(amqp_url, declared):
-        sent = [client.send_task(MULTIPLY, [i, 2], queue=name, priority=p).id
-                for i, p in enumerate([1, 9, None])]
-        done = run_worker([name], expected=len(sent))
+    with existing(amqp_url, plain_queue(name, **{"x-max-priority": 9})):
+        sent, done = send_and_run(name, [1, 9, None])
 
     assert [msg.id for msg, _ in done] == [sent[1], sent[0], sent[2]]
     assert broker_warnings(caplog) == []
