@@ -83,8 +83,9 @@ def configured_queue(name: str) -> Queue:
 
 
 def declare(conn: Connection, names: Iterable[str]) -> Declared:
-    """Declare the queues ``names`` (with ``x-max-priority`` where ``max_priority`` is set on
-    RabbitMQ, ``conf.max_priority``); return them ready to consume from, not to be declared again.
+    """Declare the queues ``names``, with ``x-max-priority`` where ``BROKER_OPTIONS
+    ["max_priority"]`` asks for it (``conf.max_priority``); return them ready to consume from,
+    not to be declared again, with the names of those RabbitMQ holds without priorities.
 
     A queue that exists already with other arguments (without our ``x-max-priority``, with
     another, or with one an earlier version of this app gave every queue) makes RabbitMQ refuse
