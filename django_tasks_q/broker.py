@@ -305,8 +305,8 @@ class Publisher:
         self._outbox: deque[_Outgoing] = deque()
         #: Redis: pushes a lost connection had not answered, to push again on a new one.
         self._carried: list[redis_transport.Pushed] = []
-        self._declared: set[str] = set()
-        self._plain: frozenset[str] = frozenset()  # declared without priorities on RabbitMQ
+        #: Queues declared on this connection: whether RabbitMQ holds each without priorities.
+        self._declared: dict[str, bool] = {}
         #: kombu's retrying wrappers of the calls below, built once per connection.
         self._retrying: dict[str, Callable[[], None]] = {}
 
@@ -327,9 +327,8 @@ class Publisher:
                     # Connecting is retried like the publish below; the queue is declared on a
                     # channel of its own (see declare()), never on the producer's.
                     conn.ensure_connection(**PUBLISH_RETRY_POLICY)
-                    self._plain |= declare(conn, [queue_name]).plain
-                    self._declared.add(queue_name)
-                if priority and queue_name in self._plain:
+                    self._declared[queue_name] = queue_name in declare(conn, [queue_name]).plain
+                if priority and self._declared[queue_name]:
                     warn_priority_ignored(queue_name, priority)
                 if self._direct:
                     self._on_redis(lambda channel: channel.put_direct(
@@ -496,7 +495,6 @@ class Publisher:
         self._carried.clear()
         self._direct = False
         self._declared.clear()
-        self._plain = frozenset()
         self._retrying.clear()
         return lost
 
