@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -417,15 +418,11 @@ class Channel(RedisChannel):
         client.connection.send_command("EVALSHA", self._pop_sha, len(keys), *keys, time(), limit)
 
     def _brpop_read(self, **options: Any) -> bool:
-        if self._blocking:
-            self._blocking = False
-            try:
-                return bool(super()._brpop_read(**options))
-            finally:
-                self.qos.send_records()
+        blocking, self._blocking = self._blocking, False
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, "EVALSHA", **options)
+                reply = self.client.parse_response(self.client.connection,
+                                                   "BRPOP" if blocking else "EVALSHA", **options)
             except NoScriptError:  # the server restarted and forgot it: load it again
                 self._pop_sha = None
                 raise Empty() from None
@@ -438,15 +435,24 @@ class Channel(RedisChannel):
             if flush is not None:
                 flush()
         if not reply:
-            self._wait_next = True
+            self._wait_next = not blocking
             raise Empty()
-        for index, item, recorded in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
-            queue = self._popping[int(index) - 1]
-            self._queue_cycle.rotate(queue)
-            payload = wirejson.loads(item)
-            if int(recorded):
-                self.recorded.add(payload["properties"]["delivery_tag"])
-            self.connection._deliver(payload, queue)
+        if blocking:  # as kombu's: the queue's key (less its priority suffix), the message
+            key, item = reply
+            taken = [(bytes_to_str(key).rsplit(self.sep, 1)[0], item, False)]
+        else:  # the pop script's: queue index, message, recorded by the script
+            taken = [(self._popping[int(index) - 1], item, int(recorded) == 1)
+                     for index, item, recorded in zip(reply[::3], reply[1::3], reply[2::3],
+                                                      strict=True)]
+        try:
+            for queue, item, recorded in taken:
+                self._queue_cycle.rotate(queue)
+                payload = wirejson.loads(item)
+                if recorded:
+                    self.recorded.add(payload["properties"]["delivery_tag"])
+                self.connection._deliver(payload, queue)
+        finally:
+            self.qos.send_records()  # the unacked records of those BRPOP took, once handed over
         return True
 
 
