@@ -342,10 +342,15 @@ class Project:
         """Messages the broker holds for ``queue``."""
         return self.producer.call("count", queue=queue or self.queue)
 
-    def assert_empty(self) -> None:
-        """The queue holds nothing: every message was run and acknowledged exactly once."""
-        left = self.count()
-        assert left == 0, f"{left} message(s) left in {self.queue}:\n{self.logs()}"
+    def assert_empty(self, timeout: float = 5.0) -> None:
+        """The queue holds nothing: every message was run and acknowledged exactly once.
+
+        A task's outcome is written before its message is acknowledged (an ack that came first
+        could lose the task on a crash), so a result row can be seen a moment before the broker
+        drops the message: the count is polled for up to ``timeout`` seconds.
+        """
+        wait_for(lambda: self.count() == 0, timeout, f"{self.queue} to hold no message",
+                 self.logs)
 
     def create_order(self, email: str) -> int:
         """A new ``Order`` row; returns its pk."""
