@@ -23,6 +23,7 @@ from kombu.asynchronous import Hub
 
 from django_tasks_q.message import TaskMessage
 from django_tasks_q.models import TaskResult
+from django_tasks_q.registry import DJANGO_TASK_HEADER
 from django_tasks_q.worker import writer as writer_module
 from django_tasks_q.worker.writer import ResultWriter, store_success
 
@@ -163,6 +164,56 @@ def test_stored_outcomes_maintain_no_pattern_index_on_postgres() -> None:
     assert any("(task_id)" in index and "UNIQUE" in index for index in indexes)
     assert any("(root_id)" in index for index in indexes)
     assert not [index for index in indexes if "pattern_ops" in index]
+
+
+@pytest.mark.broker
+@pytest.mark.postgres
+@pytest.mark.usefixtures("postgres")
+@pytest.mark.parametrize("django_task", [False, True], ids=["ours", "django-task"])
+def test_rows_are_copied_into_the_table_unless_a_task_has_one_already(
+        django_task: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A django.tasks task stores a row as it starts: its batch goes through the batch table,
+    # without a copy into the table that would meet that row first.
+    into: list[str] = []
+    real = writer_module._copy
+    monkeypatch.setattr(writer_module, "_copy", lambda table, rows, *sql: (
+        into.append(table.split()[0]), real(table, rows, *sql))[1])
+
+    def row(result: int, **fields: Any) -> Done:
+        made = done(result, **fields)
+        if django_task:
+            made.msg.headers[DJANGO_TASK_HEADER] = "default"
+        return made
+
+    first = row(7)
+    store_success([first, row(8)], "w1")
+    table = connection.ops.quote_name(TaskResult._meta.db_table)
+    assert into == [writer_module.BATCH_TABLE if django_task else table]
+    assert sorted(TaskResult.objects.values_list("result", flat=True)) == [7, 8]
+    into.clear()
+    store_success([row(9, task_id=first.msg.id), row(10)], "w1")  # one has its row already
+    assert into == ([writer_module.BATCH_TABLE] if django_task
+                    else [table, writer_module.BATCH_TABLE])
+    assert sorted(TaskResult.objects.values_list("result", flat=True)) == [8, 9, 10]
+
+
+@pytest.mark.broker
+@pytest.mark.postgres
+@pytest.mark.usefixtures("postgres")
+def test_a_connection_lost_during_the_copy_gives_the_batch_back(postgres_url: str) -> None:
+    # The copy runs on the driver's cursor: its errors are Django's, and an outage is told to
+    # the loop (the tasks are given back), not taken for rows the database refused.
+    writer = ResultWriter("w1", lambda batch, error: None)
+    store_success([done(1)], "w1")  # this thread's connection, open
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    import psycopg  # the integration pass's driver
+
+    with psycopg.connect(postgres_url, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+    assert isinstance(writer.write([done(2)]), OperationalError)
+    assert TaskResult.objects.count() == 1  # reconnected; the batch waits to be written again
 
 
 def test_a_batch_that_is_not_json_is_logged_and_the_thread_goes_on(

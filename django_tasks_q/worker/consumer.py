@@ -50,8 +50,10 @@ ACK_BATCH = 64  # acknowledgements sent at once without waiting for ACK_DELAY
 #: waiting behind another in a pool child, for those waiting for their acknowledgement or their
 #: success row (``results="all"``), and for fetches that bring many at once, so that the pool
 #: never waits for the broker between such tasks. Long tasks do not need it, and would only be
-#: prefetched away from other workers into it.
-SHORT_ROOM = 64
+#: prefetched away from other workers into it. On RabbitMQ, where finished tasks hold their
+#: slots until acknowledged, half the window makes a batch: of rows being written, while the
+#: next gathers in the other half.
+SHORT_ROOM = 128
 SHORT_ROOM_CHECK = 1.0  # seconds without a short task before the room is taken back
 FETCH_DELAY = 0.010  # seconds a fetch of a few messages may wait for more room (_defer_fetch)
 POLL_MOST = 1000  # messages one poll of django:// (or memory://) may take

@@ -20,12 +20,13 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from .. import execute
 from ..message import TaskMessage
 from ..models import TaskResult, TaskState
+from ..registry import DJANGO_TASK_HEADER
 
 logger = logging.getLogger("django_tasks_q.worker")
 
@@ -76,31 +77,51 @@ def store_success(done: Sequence[Finished], hostname: str) -> None:
         from django.db.backends.postgresql.psycopg_any import is_psycopg3  # needs a driver
 
         if is_psycopg3:
+            # A django.tasks task stored a row as it started: to be brought up to date.
+            fresh = not any(DJANGO_TASK_HEADER in msg.headers for msg, _ in latest.values())
             _copy_rows([success_row(msg, unstored, hostname, now)
-                        for msg, unstored in latest.values()])
+                        for msg, unstored in latest.values()], fresh)
             return
     execute.store_rows([execute.result_row(msg, TaskState.SUCCESS, result=json.loads(result),
                                            worker=hostname, date_started=started, now=now)
                         for msg, (result, started) in latest.values()])
 
 
-def _copy_rows(rows: list[tuple[Any, ...]]) -> None:
-    """PostgreSQL: ``COPY`` the rows into the session's batch table, then insert them from
-    there; a fraction of the work of binding every value of a multi-row ``INSERT``."""
+def _copy_rows(rows: list[tuple[Any, ...]], fresh: bool) -> None:
+    """PostgreSQL: ``COPY`` the rows into the table, a fraction of the work of binding every
+    value of a multi-row ``INSERT``. Where a task may have a row already (``fresh`` is false,
+    or the copy meets one), they are copied into the session's batch table instead and
+    inserted from there, each row a task has already brought up to date."""
     quote = connection.ops.quote_name
     table = quote(TaskResult._meta.db_table)
     columns = ", ".join(map(quote, COLUMNS))
+    if fresh:
+        try:
+            _copy(f"{table} ({columns})", rows)
+            return
+        except IntegrityError:  # one of them has a row (its message came again): as below
+            pass
     updated = ", ".join(f"{quote(c)} = EXCLUDED.{quote(c)}" for c in execute.UPDATED_ON_CONFLICT)
-    with transaction.atomic(), connection.cursor() as cursor:
-        # Kept, empty, by the session between batches; made again wherever it is missing
-        # (a new connection, or a pooler's other session).
-        cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} ON COMMIT DELETE "
-                       f"ROWS AS SELECT {columns} FROM {table} WITH NO DATA")
-        with cursor.copy(f"COPY {BATCH_TABLE} ({columns}) FROM STDIN") as copy:
+    # Kept, empty, by the session between batches; made again wherever it is missing (a new
+    # connection, or a pooler's other session).
+    _copy(f"{BATCH_TABLE} ({columns})", rows,
+          f"CREATE TEMPORARY TABLE IF NOT EXISTS {BATCH_TABLE} ON COMMIT DELETE ROWS AS "
+          f"SELECT {columns} FROM {table} WITH NO DATA",
+          f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {BATCH_TABLE} "
+          f"ON CONFLICT ({quote('task_id')}) DO UPDATE SET {updated}")
+
+
+def _copy(into: str, rows: list[tuple[Any, ...]], before: str = "", after: str = "") -> None:
+    """``COPY`` ``rows`` into ``into`` (a table and its columns) in one transaction, between
+    the statements ``before`` and ``after``; the driver's errors as Django's."""
+    with transaction.atomic(), connection.cursor() as cursor, connection.wrap_database_errors:
+        if before:
+            cursor.execute(before)
+        with cursor.copy(f"COPY {into} FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
-        cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {BATCH_TABLE} "
-                       f"ON CONFLICT ({quote('task_id')}) DO UPDATE SET {updated}")
+        if after:
+            cursor.execute(after)
 
 
 class ResultWriter:
@@ -161,12 +182,13 @@ class ResultWriter:
         try:
             with _WRITING:
                 store_success(batch, self.hostname)
-        except DatabaseError as exc:
-            with _WRITING, contextlib.suppress(Exception):
-                connection.close()  # this thread's: the next batch reconnects
-            return exc
-        except Exception:
-            # Not the database's doing: running the tasks again would fail the same way.
+        except Exception as exc:
+            if isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError):
+                with _WRITING, contextlib.suppress(Exception):
+                    connection.close()  # this thread's: the next batch reconnects
+                return exc
+            # Rows the database refuses (a value too long for its column), or not the
+            # database's doing: running the tasks again would end the same way.
             logger.exception("Could not write the result rows of %d task(s) (%s); their "
                              "messages are acknowledged without them", len(batch),
                              ", ".join(f.msg.id for f in batch))
