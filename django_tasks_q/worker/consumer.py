@@ -45,7 +45,7 @@ ACK, REQUEUE, DROP = "ack", "requeue", "drop"  # how a message is settled
 REQUEUE_DELAY = 2.0  # seconds before a message whose outcome could not be stored goes back
 DELIVERIES_HEADER = "x-deliveries"  # how many times a pool child died running this message
 ACK_DELAY = 0.010  # seconds an acknowledgement may wait to be sent with others (_ack_soon)
-ACK_BATCH = 64  # acknowledgements sent at once without waiting for ACK_DELAY
+ACK_BATCH = 128  # acknowledgements sent at once without waiting for ACK_DELAY
 #: Prefetch slots added while tasks finish in under ``QUEUE_BEHIND_UNDER``: room for those
 #: waiting behind another in a pool child, for those waiting for their acknowledgement or their
 #: success row (``results="all"``), and for fetches that bring many at once, so that the pool
