@@ -216,6 +216,22 @@ def test_a_connection_lost_during_the_copy_gives_the_batch_back(postgres_url: st
     assert TaskResult.objects.count() == 1  # reconnected; the batch waits to be written again
 
 
+@pytest.mark.broker
+@pytest.mark.postgres
+@pytest.mark.usefixtures("postgres")
+def test_rows_the_database_refuses_are_logged_and_not_given_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A name longer than its column: running the task again would be refused again.
+    long = done(1, task_id="too-long")
+    long.msg.name = "tests.tasks." + "x" * 300
+    writer = ResultWriter("w1", lambda batch, error: None)
+    with caplog.at_level(logging.ERROR, "django_tasks_q.worker"):
+        assert writer.write([long]) is None
+    assert "too-long" in caplog.text and "acknowledged without them" in caplog.text
+    assert writer.write([done(2, task_id="fine")]) is None  # the connection is still good
+    assert list(TaskResult.objects.values_list("task_id", flat=True)) == ["fine"]
+
+
 def test_a_batch_that_is_not_json_is_logged_and_the_thread_goes_on(
         database: str, caplog: pytest.LogCaptureFixture) -> None:
     # A message accepted as pickle can carry arguments that a row cannot hold.
