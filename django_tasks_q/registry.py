@@ -38,11 +38,16 @@ def get(name: str, headers: Mapping[str, Any] | None = None) -> Task[Any, Any]:
         return _tasks[name]
     except KeyError:
         pass
-    if headers and headers.get(DJANGO_TASK_HEADER):
+    if is_django_task(headers):
         return _import_django_task(name)
     raise TaskNotRegistered(
         f"Task {name!r} is not registered in this process: define it with @task in the "
         f"tasks.py of an installed app (every app's tasks.py is imported at start-up)")
+
+
+def is_django_task(headers: Mapping[str, Any] | None) -> bool:
+    """Whether a message with ``headers`` is marked as a ``django.tasks`` task."""
+    return bool(headers and headers.get(DJANGO_TASK_HEADER))
 
 
 def _import_django_task(name: str) -> Task[Any, Any]:

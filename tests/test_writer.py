@@ -98,6 +98,13 @@ def test_each_batch_writes_only_its_own_rows(database: str) -> None:
     assert TaskResult.objects.count() == 2
 
 
+def on_postgres(test: Callable[..., None]) -> Callable[..., None]:
+    """Marks ``test`` for the integration pass, on PostgreSQL (required)."""
+    for mark in (pytest.mark.broker, pytest.mark.postgres, pytest.mark.usefixtures("postgres")):
+        test = mark(test)
+    return test
+
+
 def run_hub(hub: Hub, until: Callable[[], bool], timeout: float = 10.0) -> None:
     loop = hub.create_loop()
     deadline = time.monotonic() + timeout
@@ -152,9 +159,7 @@ def test_waiting_reports_the_batch_being_written(database: str) -> None:
         hub.close()
 
 
-@pytest.mark.broker
-@pytest.mark.postgres
-@pytest.mark.usefixtures("postgres")
+@on_postgres
 def test_stored_outcomes_maintain_no_pattern_index_on_postgres() -> None:
     # Ids are looked up whole: a varchar_pattern_ops index on them would only cost writes.
     with connection.cursor() as cursor:
@@ -166,9 +171,7 @@ def test_stored_outcomes_maintain_no_pattern_index_on_postgres() -> None:
     assert not [index for index in indexes if "pattern_ops" in index]
 
 
-@pytest.mark.broker
-@pytest.mark.postgres
-@pytest.mark.usefixtures("postgres")
+@on_postgres
 @pytest.mark.parametrize("django_task", [False, True], ids=["ours", "django-task"])
 def test_rows_are_copied_into_the_table_unless_a_task_has_one_already(
         django_task: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,8 +179,12 @@ def test_rows_are_copied_into_the_table_unless_a_task_has_one_already(
     # without a copy into the table that would meet that row first.
     into: list[str] = []
     real = writer_module._copy
-    monkeypatch.setattr(writer_module, "_copy", lambda table, rows, *sql: (
-        into.append(table.split()[0]), real(table, rows, *sql))[1])
+
+    def copy(table: str, rows: list[Any], *sql: str) -> None:
+        into.append(table.split()[0])
+        real(table, rows, *sql)
+
+    monkeypatch.setattr(writer_module, "_copy", copy)
 
     def row(result: int, **fields: Any) -> Done:
         made = done(result, **fields)
@@ -197,9 +204,7 @@ def test_rows_are_copied_into_the_table_unless_a_task_has_one_already(
     assert sorted(TaskResult.objects.values_list("result", flat=True)) == [8, 9, 10]
 
 
-@pytest.mark.broker
-@pytest.mark.postgres
-@pytest.mark.usefixtures("postgres")
+@on_postgres
 def test_a_connection_lost_during_the_copy_gives_the_batch_back(postgres_url: str) -> None:
     # The copy runs on the driver's cursor: its errors are Django's, and an outage is told to
     # the loop (the tasks are given back), not taken for rows the database refused.
@@ -216,9 +221,7 @@ def test_a_connection_lost_during_the_copy_gives_the_batch_back(postgres_url: st
     assert TaskResult.objects.count() == 1  # reconnected; the batch waits to be written again
 
 
-@pytest.mark.broker
-@pytest.mark.postgres
-@pytest.mark.usefixtures("postgres")
+@on_postgres
 def test_rows_the_database_refuses_are_logged_and_not_given_back(
         caplog: pytest.LogCaptureFixture) -> None:
     # A name longer than its column: running the task again would be refused again.

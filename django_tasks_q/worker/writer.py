@@ -26,7 +26,7 @@ from django.utils import timezone
 from .. import execute
 from ..message import TaskMessage
 from ..models import TaskResult, TaskState
-from ..registry import DJANGO_TASK_HEADER
+from ..registry import is_django_task
 
 logger = logging.getLogger("django_tasks_q.worker")
 
@@ -78,7 +78,7 @@ def store_success(done: Sequence[Finished], hostname: str) -> None:
 
         if is_psycopg3:
             # A django.tasks task stored a row as it started: to be brought up to date.
-            fresh = not any(DJANGO_TASK_HEADER in msg.headers for msg, _ in latest.values())
+            fresh = not any(is_django_task(msg.headers) for msg, _ in latest.values())
             _copy_rows([success_row(msg, unstored, hostname, now)
                         for msg, unstored in latest.values()], fresh)
             return
