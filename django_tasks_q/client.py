@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -184,13 +185,20 @@ def _signatures(value: Any) -> list[dict[str, Any]] | None:
 def send(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
          **options: Any) -> AsyncResult:
     """Build, check and publish one message for ``task``; return its result handle at once."""
-    from . import results
-
     msg, body = build(task.name, task, args, kwargs, **options)
     if runs_eagerly():
         return run_eager(task, msg)
     publish(msg, body, wait=False)
-    return results.AsyncResult(msg.id, task=task)
+    return _async_result()(msg.id, task=task)
+
+
+@functools.cache
+def _async_result() -> type[AsyncResult]:
+    """``results.AsyncResult``, imported once Django is set up (results imports the models)
+    and kept: an import statement costs as much on every call."""
+    from .results import AsyncResult
+
+    return AsyncResult
 
 
 def runs_eagerly() -> bool:
@@ -309,9 +317,7 @@ def send_task(name: str, args: list[Any] | tuple[Any, ...] | None = None,
               priority: int | None = None, countdown: float | None = None,
               eta: datetime | None = None, task_id: str | None = None) -> AsyncResult:
     """Send a task by name, without importing its function (it may live in another service)."""
-    from . import results
-
     msg, body = build(name, None, args, kwargs, queue=queue, priority=priority,
                       countdown=countdown, eta=eta, task_id=task_id)
     publish(msg, body, wait=False)
-    return results.AsyncResult(msg.id, task=registry.find(name))
+    return _async_result()(msg.id, task=registry.find(name))

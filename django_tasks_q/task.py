@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import re
@@ -41,6 +42,15 @@ def parse_rate(rate: str) -> float:
         raise ImproperlyConfigured(f"rate_limit {rate!r} is not of the form '10/s', '100/m' "
                                    f"or '1000/h'")
     return float(found.group(1)) / _UNITS[found.group(2)]
+
+
+@functools.cache
+def _sender() -> Callable[..., AsyncResult]:
+    """``client.send``, imported on the first send (the client brings in the broker's
+    libraries) and kept: an import statement costs as much on every call."""
+    from .client import send
+
+    return send
 
 
 class Task(Generic[P, R]):
@@ -126,9 +136,7 @@ class Task(Generic[P, R]):
         if unknown:
             raise TypeError(f"Unknown apply_async option(s) {sorted(unknown)} for {self.name}; "
                             f"known: {', '.join(sorted(APPLY_OPTIONS - {'args', 'kwargs'}))}")
-        from . import client
-
-        return client.send(self, list(args or ()), dict(kwargs or {}), **options)
+        return _sender()(self, list(args or ()), dict(kwargs or {}), **options)
 
     def signature(self, args: tuple[Any, ...] | list[Any] = (),
                   kwargs: dict[str, Any] | None = None, **options: Any) -> Signature:

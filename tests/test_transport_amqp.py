@@ -89,6 +89,20 @@ def test_header_names_are_cached_up_to_a_bound() -> None:
     assert len(amqp_props._keys) <= amqp_props.KEYS_CACHED
 
 
+def test_a_header_encodes_its_new_value_when_one_message_after_another_changes_it() -> None:
+    tags = ["a"]
+    sequence = [
+        {"task": "t", "retries": 1, "tags": tags, "seen": None},
+        {"task": "t", "retries": True, "tags": tags, "seen": "x"},  # True == 1, written as 't'
+        {"task": "u", "retries": 1, "tags": tags, "seen": None},
+    ]
+    for headers in sequence * 2:
+        tags.append("b")  # the same list, changed in place: encoded as it is now
+        ours, theirs = _both(application_headers=headers)
+        assert ours == theirs
+    assert len(amqp_props._last) <= amqp_props.KEYS_CACHED
+
+
 class _Connection:
     """What a publish uses of a py-amqp connection: its frame writer (py-amqp's own, on this
     connection) and its transport, which records what is written and what is read."""

@@ -63,20 +63,31 @@ def _value(v: Any) -> bytes:
     return out.getvalue()
 
 
+#: Each header name's last value, when a string, int, bool or None, with the encoded entry (key
+#: and value): most headers (the task's name, the origin, the unset options) are the very same
+#: object from one message to the next, and immutable.
+_last: dict[str, tuple[Any, bytes]] = {}
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+
 def table(d: dict[str, Any]) -> bytes:
     """``d`` as an AMQP field table: its length, then each key and value."""
     parts: list[bytes] = []
-    add, keys = parts.append, _keys
+    add, last = parts.append, _last
     for k, v in d.items():
-        add(keys.get(k) or _key(k))
+        seen = last.get(k)
+        if seen is not None and seen[0] is v:
+            add(seen[1])
+            continue
+        key = _keys.get(k) or _key(k)
         if v.__class__ is str:  # most headers: inline, as _value writes them
             raw = v.encode("utf-8", "surrogatepass")
-            add(b"S" + _U32.pack(len(raw)))
-            add(raw)
-        elif v is None:
-            add(b"V")
+            entry = key + b"S" + _U32.pack(len(raw)) + raw
         else:
-            add(_value(v))
+            entry = key + (b"V" if v is None else _value(v))
+        if v.__class__ in _SCALARS and (seen is not None or len(last) < KEYS_CACHED):
+            last[k] = (v, entry)
+        add(entry)
     data = b"".join(parts)
     return _U32.pack(len(data)) + data
 
