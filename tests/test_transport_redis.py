@@ -176,7 +176,7 @@ def test_a_waiting_consumer_gets_a_message_published_later(
         drain_until(conn, got, 1)
         later.join()
         assert [m.headers["id"] for m in got] == ids
-        # Recorded as unacked by commands sent once it was handed over, without waiting for
+        # Recorded as unacked by commands sent before it was handed over, without waiting for
         # their replies.
         channel = got[0].channel
         assert channel._ack_replies == 2
@@ -187,16 +187,22 @@ def test_a_waiting_consumer_gets_a_message_published_later(
     assert unacked(redis_client) == {}
 
 
-def test_a_message_taken_by_brpop_and_given_back_at_once_comes_back(
+def test_a_message_taken_by_brpop_is_recorded_before_its_callback_and_can_be_given_back(
         redis_client: redis.Redis, qname: str) -> None:
-    # Its record is sent after the consumer's callback: a requeue inside the callback (as the
-    # worker does with a message it cannot run) must still find it.
+    # Its record reaches Redis before the consumer's callback hands the task over, without this
+    # process waiting for it: a worker killed once its task has started cannot lose it. A
+    # requeue inside the callback (as the worker does with a message it cannot run) finds it.
     seen: list[str] = []
+    recorded_in_callback: list[bool] = []
 
     def give_back_first(message: Any) -> None:
         seen.append(message.headers["id"])
         if len(seen) == 1:
-            assert message.channel.qos._unrecorded  # not written yet
+            tag = message.delivery_tag.encode()
+            deadline = time.monotonic() + 1
+            while tag not in unacked(redis_client) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            recorded_in_callback.append(tag in unacked(redis_client))
             message.reject(requeue=True)
         else:
             message.ack()
@@ -209,8 +215,35 @@ def test_a_message_taken_by_brpop_and_given_back_at_once_comes_back(
         drain_until(conn, seen, 2)
         later.join()
         conn.default_channel.qos.confirm_acks()
+    assert recorded_in_callback == [True]
     assert len(seen) == 2 and seen[0] == seen[1]
     assert unacked(redis_client) == {} and waiting(redis_client, qname) == 0
+
+
+def test_a_message_taken_by_brpop_whose_record_fails_is_still_delivered(
+        redis_client: redis.Redis, qname: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # BRPOP has taken it off its queue: dropping it would lose it, running it loses it only if
+    # the worker dies before the task ends.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    with broker.connection() as conn:
+        got = consume(conn, qname, prefetch=4)
+        drain_once(conn)  # every queue empty: the channel now waits in BRPOP
+        monkeypatch.setattr(redis_transport.QoS, "_send", refuse)
+        later = threading.Timer(0.3, lambda: publish(qname, 1))
+        later.start()
+        with caplog.at_level("WARNING", logger="django_tasks_q.transport.redis"):
+            drain_until(conn, got, 1)
+        later.join()
+        assert unacked(redis_client) == {}
+        monkeypatch.undo()
+        got[0].ack()
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"Could not record message {got[0].delivery_tag} as unacknowledged "
+                              "(Connection reset by peer): its task runs")
+    assert waiting(redis_client, qname) == 0
 
 
 def test_a_global_key_prefix_applies_to_every_key_the_script_touches(

@@ -10,8 +10,9 @@ kombu's own unacked layout (so kombu's and Celery's restore, acknowledge and rej
 unchanged). Several are taken per round trip, up to the free prefetch; while the worker has
 received work waiting for its pool, a fetch of less than half the window waits a little for more
 room. Only when every queue is empty does the channel block in ``BRPOP`` to wait for the next
-message; one that arrives then is recorded as kombu records it, in commands sent as soon as it
-is handed over (so that its task starts sooner), without waiting for Redis's answer.
+message; one that arrives then is recorded as kombu records it, in commands written before it is
+handed over, without waiting for Redis's answer: once its task has started, a worker killed at
+any moment cannot lose it.
 Acknowledgements are sent in batches, the same way; the answers are read with the next batch
 (``QoS``).
 
@@ -25,6 +26,7 @@ RabbitMQ's confirms are. What a lost connection had not answered is pushed again
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +53,8 @@ from ..message import CONTENT_ENCODING, CONTENT_TYPE, new_id, to_json
 from . import wirejson
 from .acks import BatchedAcks
 from .base import RedisChannel, RedisQoS
+
+logger = logging.getLogger(__name__)
 
 #: The most messages one round trip takes (the free prefetch bounds it too).
 POP_LIMIT = 100
@@ -139,36 +143,26 @@ class QoS(BatchedAcks, RedisQoS):
 
     channel: Channel
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._unrecorded: list[tuple[Any, str]] = []  # taken by BRPOP, record not sent yet
-
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded = self.channel.recorded
         if delivery_tag in recorded:
             recorded.discard(delivery_tag)
         else:
-            # Recorded once the message is handed over (send_records), so that its task is
-            # not started later for the time it takes to write the record.
-            self._unrecorded.append((message, delivery_tag))
+            # Taken by BRPOP: kombu's unacked record (``ZADD`` and ``HSET``) is written before
+            # the consumer's callback hands the task to the pool. Written, it reaches Redis even
+            # if this process is killed the next moment; written after the hand-over, it could
+            # be lost with a worker killed while the task ran, and the message with it.
+            prefix, info = self.channel.global_keyprefix or "", message.delivery_info
+            try:
+                self._send([("ZADD", prefix + self.unacked_index_key, time(), delivery_tag),
+                            ("HSET", prefix + self.unacked_key, delivery_tag,
+                             dumps([message._raw, info["exchange"], info["routing_key"]]))])
+            except self.channel.connection_errors as exc:
+                # BRPOP took it off its queue already: running it beats dropping it.
+                logger.warning("Could not record message %s as unacknowledged (%s): its task "
+                               "runs, but is lost if this worker dies before it ends",
+                               delivery_tag, exc)
         virtual.QoS.append(self, message, delivery_tag)
-
-    def send_records(self) -> None:
-        """Send kombu's unacked record (``ZADD`` and ``HSET``) of the messages taken by
-        ``BRPOP``, without waiting for Redis. Every later write on the connection follows it."""
-        if self._unrecorded:
-            self._send([])
-
-    def _records(self) -> list[tuple[Any, ...]]:
-        taken, self._unrecorded = self._unrecorded, []
-        prefix, now = self.channel.global_keyprefix or "", time()
-        commands: list[tuple[Any, ...]] = []
-        for message, tag in taken:
-            info = message.delivery_info
-            commands += [("ZADD", prefix + self.unacked_index_key, now, tag),
-                         ("HSET", prefix + self.unacked_key, tag,
-                          dumps([message._raw, info["exchange"], info["routing_key"]]))]
-        return commands
 
     def ack(self, delivery_tag: str) -> None:
         self.confirm_acks()
@@ -186,11 +180,9 @@ class QoS(BatchedAcks, RedisQoS):
                     ("HDEL", prefix + self.unacked_key, *delivery_tags)], confirm=True)
 
     def _send(self, commands: list[tuple[Any, ...]], confirm: bool = False) -> None:
-        """Send the records not sent yet, then ``commands``, without waiting for their replies;
-        with ``confirm``, read those of the commands sent before first (raising if one
-        failed)."""
+        """Send ``commands`` without waiting for their replies; with ``confirm``, read those of
+        the commands sent before first (raising if one failed)."""
         channel = self.channel
-        commands = self._records() + commands
         try:
             conn = channel._ack_conn = channel._ack_conn or channel.own_connection()
             if confirm:
@@ -202,7 +194,6 @@ class QoS(BatchedAcks, RedisQoS):
             raise
 
     def confirm_acks(self) -> None:
-        self.send_records()
         channel = self.channel
         try:
             while channel._ack_replies:
@@ -444,15 +435,12 @@ class Channel(RedisChannel):
             taken = [(self._popping[int(index) - 1], item, int(recorded) == 1)
                      for index, item, recorded in zip(reply[::3], reply[1::3], reply[2::3],
                                                       strict=True)]
-        try:
-            for queue, item, recorded in taken:
-                self._queue_cycle.rotate(queue)
-                payload = wirejson.loads(item)
-                if recorded:
-                    self.recorded.add(payload["properties"]["delivery_tag"])
-                self.connection._deliver(payload, queue)
-        finally:
-            self.qos.send_records()  # the unacked records of those BRPOP took, once handed over
+        for queue, item, recorded in taken:
+            self._queue_cycle.rotate(queue)
+            payload = wirejson.loads(item)
+            if recorded:
+                self.recorded.add(payload["properties"]["delivery_tag"])
+            self.connection._deliver(payload, queue)
         return True
 
 
