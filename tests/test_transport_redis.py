@@ -246,6 +246,19 @@ def test_a_message_taken_by_brpop_whose_record_fails_is_still_delivered(
     assert waiting(redis_client, qname) == 0
 
 
+def test_connections_the_channel_holds_and_drops_do_not_use_up_its_pool(
+        redis_client: redis.Redis) -> None:
+    # Its publishing and acknowledging connections are made again after each error.
+    with broker.connection() as conn:
+        channel = conn.channel()
+        assert isinstance(channel, redis_transport.Channel)
+        for _ in range(channel.pool.max_connections + 2):
+            channel._ack_conn = channel.own_connection()
+            channel._drop_ack_conn()
+        with channel.conn_or_acquire() as client:
+            assert client.ping() is True
+
+
 def test_a_global_key_prefix_applies_to_every_key_the_script_touches(
         redis_client: redis.Redis, qname: str, settings: Any) -> None:
     settings.TASKS_Q = {**settings.TASKS_Q, "BROKER_OPTIONS": {"global_keyprefix": "pfx:"}}

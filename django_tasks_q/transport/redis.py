@@ -365,8 +365,11 @@ class Channel(RedisChannel):
         self._answers.clear()
 
     def own_connection(self) -> Any:
-        """A connection of the channel's pool, connected, held by whoever asked for it."""
-        conn = self.pool.make_connection()
+        """A connection made as the channel's pool makes them, connected, held by whoever asked
+        for it. Not counted by the pool: redis-py's ``make_connection`` would count it against
+        ``max_connections`` for as long as the pool lives, even once dropped."""
+        pool = self.pool
+        conn = pool.connection_class(**pool.connection_kwargs)
         conn.connect()
         return conn
 
