@@ -192,8 +192,10 @@ def test_a_message_taken_by_brpop_is_recorded_before_its_callback_and_can_be_giv
     # Its record reaches Redis before the consumer's callback hands the task over, without this
     # process waiting for it: a worker killed once its task has started cannot lose it. A
     # requeue inside the callback (as the worker does with a message it cannot run) finds it.
+    # The record is kombu's: the message, its exchange and its routing key.
     seen: list[str] = []
     recorded_in_callback: list[bool] = []
+    records: list[Any] = []
 
     def give_back_first(message: Any) -> None:
         seen.append(message.headers["id"])
@@ -203,6 +205,9 @@ def test_a_message_taken_by_brpop_is_recorded_before_its_callback_and_can_be_giv
             while tag not in unacked(redis_client) and time.monotonic() < deadline:
                 time.sleep(0.005)
             recorded_in_callback.append(tag in unacked(redis_client))
+            records.append(loads(unacked(redis_client)[tag]))
+            info = message.delivery_info
+            assert records == [[message._raw, info["exchange"], info["routing_key"]]]
             message.reject(requeue=True)
         else:
             message.ack()
@@ -215,7 +220,7 @@ def test_a_message_taken_by_brpop_is_recorded_before_its_callback_and_can_be_giv
         drain_until(conn, seen, 2)
         later.join()
         conn.default_channel.qos.confirm_acks()
-    assert recorded_in_callback == [True]
+    assert recorded_in_callback == [True] and len(records) == 1
     assert len(seen) == 2 and seen[0] == seen[1]
     assert unacked(redis_client) == {} and waiting(redis_client, qname) == 0
 
@@ -231,7 +236,7 @@ def test_a_message_taken_by_brpop_whose_record_fails_is_still_delivered(
     with broker.connection() as conn:
         got = consume(conn, qname, prefetch=4)
         drain_once(conn)  # every queue empty: the channel now waits in BRPOP
-        monkeypatch.setattr(redis_transport.QoS, "_send", refuse)
+        monkeypatch.setattr(redis_transport.QoS, "_write", refuse)
         later = threading.Timer(0.3, lambda: publish(qname, 1))
         later.start()
         with caplog.at_level("WARNING", logger="django_tasks_q.transport.redis"):

@@ -117,6 +117,11 @@ class Refused(Exception):
         self.refused = refused
 
 
+def resp(*args: bytes) -> bytes:
+    """One command in Redis's protocol, as redis-py packs it."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args)
+
+
 def _recv_now(sock: Any) -> bytes | None:
     """What ``sock`` holds (``b""`` once the server closed it), or None if nothing has arrived:
     never blocks."""
@@ -144,7 +149,8 @@ class QoS(BatchedAcks, RedisQoS):
     channel: Channel
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        recorded = self.channel.recorded
+        channel = self.channel
+        recorded = channel.recorded
         if delivery_tag in recorded:
             recorded.discard(delivery_tag)
         else:
@@ -152,17 +158,28 @@ class QoS(BatchedAcks, RedisQoS):
             # the consumer's callback hands the task to the pool. Written, it reaches Redis even
             # if this process is killed the next moment; written after the hand-over, it could
             # be lost with a worker killed while the task ran, and the message with it.
-            prefix, info = self.channel.global_keyprefix or "", message.delivery_info
             try:
-                self._send([("ZADD", prefix + self.unacked_index_key, time(), delivery_tag),
-                            ("HSET", prefix + self.unacked_key, delivery_tag,
-                             dumps([message._raw, info["exchange"], info["routing_key"]]))])
-            except self.channel.connection_errors as exc:
+                self._write(self._record(message, delivery_tag), 2)
+            except channel.connection_errors as exc:
                 # BRPOP took it off its queue already: running it beats dropping it.
                 logger.warning("Could not record message %s as unacknowledged (%s): its task "
                                "runs, but is lost if this worker dies before it ends",
                                delivery_tag, exc)
         virtual.QoS.append(self, message, delivery_tag)
+
+    def _record(self, message: Any, delivery_tag: str) -> list[bytes]:
+        """The ``ZADD`` and ``HSET`` of kombu's unacked record of ``message``, packed. The
+        record holds the message as Redis gave it to ``BRPOP``, as the pop script's does."""
+        channel, info = self.channel, message.delivery_info
+        prefix = (channel.global_keyprefix or "").encode()
+        tag = delivery_tag.encode()
+        taken, channel.taken = channel.taken, None
+        if taken is None:  # not from BRPOP (a test, or kombu's own delivery)
+            taken = dumps(message._raw).encode()
+        entry = b"[%b,%b,%b]" % (taken, dumps(info["exchange"]).encode(),
+                                 dumps(info["routing_key"]).encode())
+        return [resp(b"ZADD", prefix + self.unacked_index_key.encode(), b"%r" % time(), tag),
+                resp(b"HSET", prefix + self.unacked_key.encode(), tag, entry)]
 
     def ack(self, delivery_tag: str) -> None:
         self.confirm_acks()
@@ -182,16 +199,27 @@ class QoS(BatchedAcks, RedisQoS):
     def _send(self, commands: list[tuple[Any, ...]], confirm: bool = False) -> None:
         """Send ``commands`` without waiting for their replies; with ``confirm``, read those of
         the commands sent before first (raising if one failed)."""
+        if confirm:
+            self.confirm_acks()
+        self._write(self._conn().pack_commands(commands), len(commands))
+
+    def _write(self, packed: list[bytes], replies: int) -> None:
+        """Send commands, ``replies`` of them packed in ``packed``, without waiting for their
+        replies."""
         channel = self.channel
         try:
-            conn = channel._ack_conn = channel._ack_conn or channel.own_connection()
-            if confirm:
-                self.confirm_acks()
-            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            channel._ack_replies += len(commands)
+            conn = self._conn()
+            conn.send_packed_command(packed, check_health=False)
+            channel._ack_replies += replies
         except BaseException:
             channel._drop_ack_conn()
             raise
+
+    def _conn(self) -> Any:
+        """The connection records and acknowledgements go on."""
+        channel = self.channel
+        conn = channel._ack_conn = channel._ack_conn or channel.own_connection()
+        return conn
 
     def confirm_acks(self) -> None:
         channel = self.channel
@@ -223,6 +251,7 @@ class Channel(RedisChannel):
         self._answers = bytearray()  # answers read, not yet matched with their pushes
         self._ack_conn: Any = None  # the connection QoS records and acknowledges on
         self._ack_replies = 0  # replies to those writes not read yet
+        self.taken: bytes | None = None  # the message BRPOP took, as Redis gave it
         #: Set by the consumer: called with the free prefetch before a fetch that would take
         #: less than half the window; True puts the fetch off (see ``_brpop_start``).
         self.defer_fetch: Callable[[int], bool] | None = None
@@ -438,12 +467,17 @@ class Channel(RedisChannel):
             taken = [(self._popping[int(index) - 1], item, int(recorded) == 1)
                      for index, item, recorded in zip(reply[::3], reply[1::3], reply[2::3],
                                                       strict=True)]
-        for queue, item, recorded in taken:
-            self._queue_cycle.rotate(queue)
-            payload = wirejson.loads(item)
-            if recorded:
-                self.recorded.add(payload["properties"]["delivery_tag"])
-            self.connection._deliver(payload, queue)
+        try:
+            for queue, item, recorded in taken:
+                self._queue_cycle.rotate(queue)
+                payload = wirejson.loads(item)
+                if recorded:
+                    self.recorded.add(payload["properties"]["delivery_tag"])
+                else:  # its record holds the message as Redis gave it (QoS.append)
+                    self.taken = item if isinstance(item, bytes) else item.encode()
+                self.connection._deliver(payload, queue)
+        finally:
+            self.taken = None
         return True
 
 
