@@ -236,7 +236,7 @@ def test_a_message_taken_by_brpop_whose_record_fails_is_still_delivered(
     with broker.connection() as conn:
         got = consume(conn, qname, prefetch=4)
         drain_once(conn)  # every queue empty: the channel now waits in BRPOP
-        monkeypatch.setattr(redis_transport.QoS, "_write", refuse)
+        monkeypatch.setattr(redis_transport.QoS, "_send", refuse)
         later = threading.Timer(0.3, lambda: publish(qname, 1))
         later.start()
         with caplog.at_level("WARNING", logger="django_tasks_q.transport.redis"):
@@ -249,6 +249,36 @@ def test_a_message_taken_by_brpop_whose_record_fails_is_still_delivered(
     assert warning.startswith(f"Could not record message {got[0].delivery_tag} as unacknowledged "
                               "(Connection reset by peer): its task runs")
     assert waiting(redis_client, qname) == 0
+
+
+def test_a_record_after_redis_closed_the_held_connection_goes_on_a_new_one(
+        redis_client: redis.Redis, qname: str) -> None:
+    # Redis closes a connection idle past its ``timeout`` setting (or one CLIENT KILL names);
+    # the first command written to it after that is lost without an error.
+    recorded: list[bool] = []
+
+    def record_seen(message: Any) -> None:
+        tag = message.delivery_tag.encode()
+        deadline = time.monotonic() + 1
+        while tag not in unacked(redis_client) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        recorded.append(tag in unacked(redis_client))
+
+    with broker.connection() as conn:
+        channel = conn.channel()
+        Consumer(channel, [broker.queue(qname)], accept=["json"], prefetch_count=4,
+                 on_message=record_seen).consume()
+        for n in (1, 2):
+            drain_once(conn)  # every queue empty: the channel now waits in BRPOP
+            later = threading.Timer(0.3, lambda: publish(qname, 1))
+            later.start()
+            drain_until(conn, recorded, n)
+            later.join()
+            if n == 1:  # the first record opened the connection; Redis now closes it
+                held = channel._ack_conn._sock.getsockname()
+                redis_client.client_kill(f"{held[0]}:{held[1]}")
+                time.sleep(0.1)
+    assert recorded == [True, True]
 
 
 def test_connections_the_channel_holds_and_drops_do_not_use_up_its_pool(

@@ -27,12 +27,13 @@ RabbitMQ's confirms are. What a lost connection had not answered is pushed again
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from queue import Empty
-from socket import MSG_DONTWAIT
+from socket import IPPROTO_TCP, MSG_DONTWAIT
 from time import monotonic, time
 from typing import Any, NamedTuple
 
@@ -56,6 +57,9 @@ from .base import RedisChannel, RedisQoS
 
 logger = logging.getLogger(__name__)
 
+#: ``socket.TCP_INFO`` (Linux), and the state a connection is in until either end closes it.
+TCP_INFO = getattr(socket, "TCP_INFO", None)
+TCP_ESTABLISHED = 1
 #: The most messages one round trip takes (the free prefetch bounds it too).
 POP_LIMIT = 100
 #: How long a publish that follows another polls for Redis's reply before it blocks on the
@@ -117,9 +121,23 @@ class Refused(Exception):
         self.refused = refused
 
 
-def resp(*args: bytes) -> bytes:
+def resp(*args: str | bytes) -> bytes:
     """One command in Redis's protocol, as redis-py packs it."""
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args)
+    parts = [arg.encode() if isinstance(arg, str) else arg for arg in args]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(part), part)
+                                             for part in parts)
+
+
+def closed_by_server(sock: Any) -> bool:
+    """Whether the server has closed or reset TCP socket ``sock`` (Linux); False where that
+    cannot be told (a Unix socket, another system)."""
+    if TCP_INFO is None or sock is None:
+        return False
+    try:
+        state: int = sock.getsockopt(IPPROTO_TCP, TCP_INFO, 1)[0]
+    except OSError:  # not TCP
+        return False
+    return state != TCP_ESTABLISHED
 
 
 def _recv_now(sock: Any) -> bytes | None:
@@ -159,7 +177,7 @@ class QoS(BatchedAcks, RedisQoS):
             # if this process is killed the next moment; written after the hand-over, it could
             # be lost with a worker killed while the task ran, and the message with it.
             try:
-                self._write(self._record(message, delivery_tag), 2)
+                self._send(self._record(message, delivery_tag))
             except channel.connection_errors as exc:
                 # BRPOP took it off its queue already: running it beats dropping it.
                 logger.warning("Could not record message %s as unacknowledged (%s): its task "
@@ -171,15 +189,14 @@ class QoS(BatchedAcks, RedisQoS):
         """The ``ZADD`` and ``HSET`` of kombu's unacked record of ``message``, packed. The
         record holds the message as Redis gave it to ``BRPOP``, as the pop script's does."""
         channel, info = self.channel, message.delivery_info
-        prefix = (channel.global_keyprefix or "").encode()
-        tag = delivery_tag.encode()
+        prefix = channel.global_keyprefix or ""
         taken, channel.taken = channel.taken, None
         if taken is None:  # not from BRPOP (a test, or kombu's own delivery)
             taken = dumps(message._raw).encode()
         entry = b"[%b,%b,%b]" % (taken, dumps(info["exchange"]).encode(),
                                  dumps(info["routing_key"]).encode())
-        return [resp(b"ZADD", prefix + self.unacked_index_key.encode(), b"%r" % time(), tag),
-                resp(b"HSET", prefix + self.unacked_key.encode(), tag, entry)]
+        return [resp("ZADD", prefix + self.unacked_index_key, b"%r" % time(), delivery_tag),
+                resp("HSET", prefix + self.unacked_key, delivery_tag, entry)]
 
     def ack(self, delivery_tag: str) -> None:
         self.confirm_acks()
@@ -193,32 +210,36 @@ class QoS(BatchedAcks, RedisQoS):
         """``ZREM`` and ``HDEL`` the tags from kombu's unacked index and table. Both commands
         can be sent again."""
         prefix = self.channel.global_keyprefix or ""
-        self._send([("ZREM", prefix + self.unacked_index_key, *delivery_tags),
-                    ("HDEL", prefix + self.unacked_key, *delivery_tags)], confirm=True)
+        self._send([resp("ZREM", prefix + self.unacked_index_key, *delivery_tags),
+                    resp("HDEL", prefix + self.unacked_key, *delivery_tags)], confirm=True)
 
-    def _send(self, commands: list[tuple[Any, ...]], confirm: bool = False) -> None:
-        """Send ``commands`` without waiting for their replies; with ``confirm``, read those of
-        the commands sent before first (raising if one failed)."""
+    def _send(self, commands: list[bytes], confirm: bool = False) -> None:
+        """Send ``commands`` (packed by ``resp``) without waiting for their replies; with
+        ``confirm``, read those of the commands sent before first (raising if one failed)."""
+        channel = self.channel
         if confirm:
             self.confirm_acks()
-        self._write(self._conn().pack_commands(commands), len(commands))
-
-    def _write(self, packed: list[bytes], replies: int) -> None:
-        """Send commands, ``replies`` of them packed in ``packed``, without waiting for their
-        replies."""
-        channel = self.channel
         try:
             conn = self._conn()
-            conn.send_packed_command(packed, check_health=False)
-            channel._ack_replies += replies
+            conn.send_packed_command(commands, check_health=False)
+            channel._ack_replies += len(commands)
         except BaseException:
             channel._drop_ack_conn()
             raise
 
     def _conn(self) -> Any:
-        """The connection records and acknowledgements go on."""
+        """The connection records and acknowledgements go on: the one held, unless Redis has
+        closed it (its ``timeout`` closes a connection idle that long, ``CLIENT KILL`` any),
+        as the first command written to a closed connection is lost without an error."""
         channel = self.channel
-        conn = channel._ack_conn = channel._ack_conn or channel.own_connection()
+        conn = channel._ack_conn
+        if conn is not None and closed_by_server(conn._sock):
+            with suppress(channel.connection_errors):
+                self.confirm_acks()  # what Redis answered before it closed the connection
+            channel._drop_ack_conn()
+            conn = None
+        if conn is None:
+            conn = channel._ack_conn = channel.own_connection()
         return conn
 
     def confirm_acks(self) -> None:
