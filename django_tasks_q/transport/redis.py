@@ -26,6 +26,7 @@ RabbitMQ's confirms are. What a lost connection had not answered is pushed again
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
@@ -193,8 +194,9 @@ class QoS(BatchedAcks, RedisQoS):
         taken, channel.taken = channel.taken, None
         if taken is None:  # not from BRPOP (a test, or kombu's own delivery)
             taken = dumps(message._raw).encode()
-        entry = b"[%b,%b,%b]" % (taken, dumps(info["exchange"]).encode(),
-                                 dumps(info["routing_key"]).encode())
+        # Names are plain strings: the standard encoder, which kombu's would call, does.
+        entry = b"[%b,%b,%b]" % (taken, json.dumps(info["exchange"]).encode(),
+                                 json.dumps(info["routing_key"]).encode())
         return [resp("ZADD", prefix + self.unacked_index_key, b"%r" % time(), delivery_tag),
                 resp("HSET", prefix + self.unacked_key, delivery_tag, entry)]
 
