@@ -78,6 +78,15 @@ def unacked(client: redis.Redis) -> dict[bytes, bytes]:
     return client.hgetall("unacked")
 
 
+def recorded_soon(client: redis.Redis, message: Any) -> bool:
+    """Whether ``message``'s unacked record is in Redis within a second."""
+    tag = message.delivery_tag.encode()
+    deadline = time.monotonic() + 1
+    while tag not in unacked(client) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return tag in unacked(client)
+
+
 def test_a_taken_message_is_unacked_before_anything_else_happens(
         redis_client: redis.Redis, qname: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # kombu's own transport would have popped it and not recorded it yet: lost for good.
@@ -200,12 +209,8 @@ def test_a_message_taken_by_brpop_is_recorded_before_its_callback_and_can_be_giv
     def give_back_first(message: Any) -> None:
         seen.append(message.headers["id"])
         if len(seen) == 1:
-            tag = message.delivery_tag.encode()
-            deadline = time.monotonic() + 1
-            while tag not in unacked(redis_client) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            recorded_in_callback.append(tag in unacked(redis_client))
-            records.append(loads(unacked(redis_client)[tag]))
+            recorded_in_callback.append(recorded_soon(redis_client, message))
+            records.append(loads(unacked(redis_client)[message.delivery_tag.encode()]))
             info = message.delivery_info
             assert records == [[message._raw, info["exchange"], info["routing_key"]]]
             message.reject(requeue=True)
@@ -257,17 +262,10 @@ def test_a_record_after_redis_closed_the_held_connection_goes_on_a_new_one(
     # the first command written to it after that is lost without an error.
     recorded: list[bool] = []
 
-    def record_seen(message: Any) -> None:
-        tag = message.delivery_tag.encode()
-        deadline = time.monotonic() + 1
-        while tag not in unacked(redis_client) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        recorded.append(tag in unacked(redis_client))
-
     with broker.connection() as conn:
         channel = conn.channel()
         Consumer(channel, [broker.queue(qname)], accept=["json"], prefetch_count=4,
-                 on_message=record_seen).consume()
+                 on_message=lambda m: recorded.append(recorded_soon(redis_client, m))).consume()
         for n in (1, 2):
             drain_once(conn)  # every queue empty: the channel now waits in BRPOP
             later = threading.Timer(0.3, lambda: publish(qname, 1))
