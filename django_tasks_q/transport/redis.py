@@ -191,7 +191,7 @@ class QoS(BatchedAcks, RedisQoS):
         record holds the message as Redis gave it to ``BRPOP``, as the pop script's does."""
         channel, info = self.channel, message.delivery_info
         prefix = channel.global_keyprefix or ""
-        taken, channel.taken = channel.taken, None
+        taken = channel.taken  # set only while _brpop_read delivers the message
         if taken is None:  # not from BRPOP (a test, or kombu's own delivery)
             taken = dumps(message._raw).encode()
         # Names are plain strings: the standard encoder, which kombu's would call, does.
